@@ -1,0 +1,6 @@
+"""Key maps: ordered tables of (source regex, tree path template, transform name), one per checkpoint family."""
+
+from conversion.keymaps.dspark import DRAFT_KEYMAP
+from conversion.keymaps.qwen3 import QWEN3_KEYMAP
+
+KEYMAPS = {"qwen3": QWEN3_KEYMAP, "dspark": DRAFT_KEYMAP, "dflash": DRAFT_KEYMAP}

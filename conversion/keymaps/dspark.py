@@ -1,0 +1,20 @@
+"""DeepSpec DSpark / DFlash draft keys (no model prefix, spec §5.2) -> Draft param tree paths."""
+
+from conversion.keymaps.qwen3 import decoder_layer_entries
+
+DRAFT_KEYMAP = (
+    (r"embed_tokens\.weight", "embed_tokens", "identity"),
+    *decoder_layer_entries(r"layers\.(\d+)\."),
+    (r"norm\.weight", "norm.weight", "identity"),
+    (r"fc\.weight", "fc", "transpose"),
+    (r"hidden_norm\.weight", "hidden_norm.weight", "identity"),
+    (r"lm_head\.weight", "lm_head", "transpose"),
+    (r"markov_head\.markov_w1\.weight", "markov_head.markov_w1", "identity"),  # E1 table [vocab, rank]
+    (r"markov_head\.markov_w2\.weight", "markov_head.markov_w2", "transpose"),  # E2 as x @ W: [rank, vocab]
+    (r"markov_head\.gate_proj\.weight", "markov_head.gate_proj.weight", "transpose"),
+    (r"markov_head\.gate_proj\.bias", "markov_head.gate_proj.bias", "identity"),
+    (r"markov_head\.joint_proj\.weight", "markov_head.joint_proj.weight", "transpose"),
+    (r"markov_head\.joint_proj\.bias", "markov_head.joint_proj.bias", "identity"),
+    (r"confidence_head\.proj\.weight", "confidence_head.proj.weight", "transpose"),
+    (r"confidence_head\.proj\.bias", "confidence_head.proj.bias", "identity"),
+)

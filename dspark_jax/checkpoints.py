@@ -1,0 +1,90 @@
+"""orbax save/restore of an nnx.State (plus its config.json), written atomically, restored into target shardings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dspark_jax.errors import DSparkError
+
+PARAMS_DIR = "params"
+FORMAT = "orbax-nnx-state"
+
+
+def is_orbax_checkpoint(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def atomic_dir(dst: str):
+    """A context manager yielding a fresh temp folder beside `dst`, renamed to `dst` only if the block succeeds."""
+    return _AtomicDir(dst)
+
+
+class _AtomicDir:
+    def __init__(self, dst: str):
+        self.dst = os.path.abspath(dst)
+
+    def __enter__(self) -> str:
+        parent = os.path.dirname(self.dst)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.dst) + ".tmp-", dir=parent)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if os.path.exists(self.dst):
+            shutil.rmtree(self.dst)
+        os.replace(self.tmp, self.dst)
+        return False
+
+
+def save_state(dst: str, state: nnx.State, config: dict, extra_files: tuple[str, ...] = ()) -> None:
+    """Write `state` (orbax) and `config` (JSON) to `dst`; nothing appears at `dst` unless all of it was written.
+
+    `extra_files` (tokenizer, generation config) are copied alongside.
+    """
+    import orbax.checkpoint as ocp
+
+    with atomic_dir(dst) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({**config, "dspark_jax_format": FORMAT}, f, indent=2)
+        for path in extra_files:
+            shutil.copy2(path, tmp)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), state.to_pure_dict())
+            ckptr.wait_until_finished()
+
+
+def restore_state(src: str, abstract_state: nnx.State, shardings=None) -> nnx.State:
+    """Restore a state saved by `save_state` into the structure (and, if given, shardings) of `abstract_state`."""
+    import orbax.checkpoint as ocp
+
+    pure = abstract_state.to_pure_dict()
+    if shardings is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure,
+                              shardings.to_pure_dict())
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), pure)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(os.path.abspath(os.path.join(src, PARAMS_DIR)), target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DSparkError(f"orbax checkpoint {src!r} does not match the model: {msg}") from None
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, restored)
+    return state
+
+
+def to_numpy_tree(state: nnx.State) -> dict:
+    """Plain nested dict of host numpy arrays (for export)."""
+    return jax.tree.map(np.asarray, state.to_pure_dict())

@@ -1,0 +1,1 @@
+"""Speculative decoding: prefill, propose, verify, accept and commit inside one jitted while_loop."""

@@ -1,0 +1,275 @@
+"""Prefill, then every round inside one jitted lax.while_loop with donated state; the public `generate()`.
+
+Round (spec §6): propose (draft) -> verify (one target pass over [anchor, drafts]) -> accept -> commit. Commit is
+a write of at most `width` tokens and a length update; rollback of rejected rows is a length update, never a copy.
+Plain decoding (no draft) is the same loop with a width-1 block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.configs import SamplingConfig, VerifyPolicy
+from dspark_jax.decoding.propose import propose
+from dspark_jax.decoding.schedule import num_to_verify
+from dspark_jax.decoding.state import DecodeState
+from dspark_jax.decoding.verify import accept, target_pass
+from dspark_jax.errors import UsageError
+from dspark_jax.sampling import draw, probabilities
+
+MIN_PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """Everything static about one compiled loop (hashable: it keys the jit cache)."""
+
+    sampling: SamplingConfig
+    policy: VerifyPolicy
+    stop_token_ids: tuple[int, ...]
+    tap_layer_ids: tuple[int, ...]
+    block_size: int  # drafts per round; 0 = plain decoding
+    context_len: int  # positions must stay below this (the target's max_position_embeddings)
+    cache_len: int
+    max_rounds: int
+
+    @property
+    def width(self) -> int:
+        return self.block_size + 1
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    """Output of `generate` (interfaces.md §3)."""
+
+    tokens: list[list[int]]
+    acceptance_lengths: list[list[int]]
+    proposal_lengths: list[list[int]]
+    tau: float
+    seconds: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+def _row_keys(keys):
+    """Split each row's key into (next row key, sampling key, acceptance key)."""
+    parts = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+    return parts[:, 0], parts[:, 1], parts[:, 2]
+
+
+def _is_stop(tokens, spec: LoopSpec):
+    if not spec.stop_token_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(spec.stop_token_ids, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "spec"))
+def prefill(target_def, target_state, draft_def, draft_state, prompts, prompt_lens, limits, keys, *,
+            spec: LoopSpec) -> DecodeState:
+    """Target over the padded prompts, first token from the last prompt position (spec §6.2).
+
+    prompts: i32[batch, bucket] right-padded; prompt_lens, limits: i32[batch]; keys: per-row keys [batch].
+    """
+    target = nnx.merge(target_def, target_state)
+    bsz, bucket = prompts.shape
+    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), prompts.shape)
+    cache = target.init_cache(bsz, spec.cache_len)
+    hidden, taps, cache = target(prompts, positions, cache, spec.tap_layer_ids)
+    last = hidden[jnp.arange(bsz), prompt_lens - 1]
+    keys, sample_keys, _ = _row_keys(keys)
+    probs = probabilities(target.logits(last), spec.sampling)
+    first = draw(probs, None, spec.sampling) if spec.sampling.greedy else jax.vmap(
+        lambda p, k: draw(p, k, spec.sampling))(probs, sample_keys)
+    buf_len = spec.cache_len + spec.width
+    tokens = jnp.zeros((bsz, buf_len), jnp.int32).at[:, :bucket].set(prompts)
+    tokens = tokens.at[jnp.arange(bsz), prompt_lens].set(first)
+    cache = dataclasses.replace(cache, lengths=prompt_lens)
+    draft_cache = pending = num_pending = None
+    if draft_def is not None:
+        draft = nnx.merge(draft_def, draft_state)
+        draft_cache = draft.push_context(draft.init_cache(bsz, spec.cache_len), taps, jnp.zeros_like(prompt_lens))
+        draft_cache = dataclasses.replace(draft_cache, lengths=prompt_lens)
+        pending = jnp.zeros((bsz, spec.width, taps.shape[-1]), taps.dtype)
+        num_pending = jnp.zeros((bsz,), jnp.int32)
+    zeros = jnp.zeros((bsz, spec.max_rounds), jnp.int32)
+    return DecodeState(tokens=tokens, lengths=prompt_lens + 1, limits=limits,
+                       done=_is_stop(first, spec) | (prompt_lens >= limits), keys=keys, target_cache=cache,
+                       draft_cache=draft_cache, pending=pending, num_pending=num_pending,
+                       rounds=jnp.zeros((bsz,), jnp.int32), acceptance=zeros, proposals=zeros)
+
+
+def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
+    """One propose -> verify -> accept -> commit step for every row; rows already done are left unchanged."""
+    bsz = state.lengths.shape[0]
+    rows = jnp.arange(bsz)
+    anchor_pos = state.lengths - 1
+    anchors = state.tokens[rows, anchor_pos]
+    live = ~state.done
+    keys, draft_keys, accept_keys = _row_keys(state.keys)
+    greedy = spec.sampling.greedy
+    draft_cache = state.draft_cache
+    if draft is None:
+        logits, taps, target_cache = target_pass(target, state.target_cache, anchors[:, None], anchor_pos, ())
+        probs = probabilities(logits[:, 0], spec.sampling)
+        next_token = draw(probs, None, spec.sampling) if greedy else jax.vmap(
+            lambda p, k: draw(p, k, spec.sampling))(probs, accept_keys)
+        drafts = jnp.zeros((bsz, 0), jnp.int32)
+        accepted = num_proposed = jnp.zeros((bsz,), jnp.int32)
+    else:
+        proposal, draft_cache = propose(draft, state.draft_cache, state.pending, state.num_pending, anchors,
+                                        anchor_pos, spec.sampling, None if greedy else draft_keys)
+        drafts = proposal.tokens
+        # Never verify a draft whose committed position (or the extra token's) would leave the context window.
+        room = jnp.maximum(spec.context_len - 2 - anchor_pos, 0)
+        num_proposed = jnp.minimum(num_to_verify(spec.policy, proposal.confidence_logits), room)
+        block = jnp.concatenate([anchors[:, None], drafts], axis=1)
+        logits, taps, target_cache = target_pass(target, state.target_cache, block, anchor_pos, spec.tap_layer_ids)
+        accepted, next_token = accept(spec.sampling, drafts, proposal.probs, num_proposed, logits,
+                                      None if greedy else accept_keys)
+    # Stop tokens among the accepted drafts end the row there, without an extra token (spec §6.6).
+    has_stop = jnp.zeros((bsz,), bool)
+    if spec.block_size:
+        slot = jnp.arange(spec.block_size, dtype=jnp.int32)[None, :]
+        stop_in_drafts = _is_stop(drafts, spec) & (slot < accepted[:, None])
+        has_stop = jnp.any(stop_in_drafts, axis=1)
+        accepted = jnp.where(has_stop, jnp.argmax(stop_in_drafts, axis=1).astype(jnp.int32) + 1, accepted)
+    extra = ~has_stop
+    committed = accepted + extra.astype(jnp.int32)
+    window = jnp.arange(spec.width, dtype=jnp.int32)[None, :]
+    padded = jnp.concatenate([drafts, jnp.zeros((bsz, 1), jnp.int32)], axis=1)
+    values = jnp.where(window < accepted[:, None], padded, jnp.where(window == accepted[:, None], next_token[:, None],
+                                                                      0))
+    written = jax.vmap(lambda row, v, s: jax.lax.dynamic_update_slice_in_dim(row, v, s, 0))(
+        state.tokens, values, state.lengths)
+    new_lengths = state.lengths + committed
+    finished = has_stop | (extra & _is_stop(next_token, spec)) | (new_lengths - 1 >= state.limits)
+
+    def keep(new, old):
+        mask = live.reshape(live.shape + (1,) * (new.ndim - 1))
+        return jnp.where(mask, new, old)
+
+    round_idx = jnp.minimum(state.rounds, spec.max_rounds - 1)
+    target_cache = dataclasses.replace(target_cache, lengths=keep(new_lengths - 1, state.target_cache.lengths))
+    if draft is not None:
+        draft_cache = dataclasses.replace(draft_cache, lengths=keep(draft_cache.lengths, state.draft_cache.lengths))
+    return DecodeState(
+        tokens=keep(written, state.tokens),
+        lengths=keep(new_lengths, state.lengths),
+        limits=state.limits,
+        done=state.done | (live & finished),
+        keys=keys,
+        target_cache=target_cache,
+        draft_cache=draft_cache,
+        pending=None if draft is None else keep(taps.astype(state.pending.dtype), state.pending),
+        num_pending=None if draft is None else keep(committed, state.num_pending),
+        rounds=state.rounds + live.astype(jnp.int32),
+        acceptance=state.acceptance.at[rows, round_idx].set(keep(committed, state.acceptance[rows, round_idx])),
+        proposals=state.proposals.at[rows, round_idx].set(keep(num_proposed, state.proposals[rows, round_idx])),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "spec"), donate_argnames=("state",))
+def decode_loop(target_def, target_state, draft_def, draft_state, state: DecodeState, *,
+                spec: LoopSpec) -> DecodeState:
+    """All rounds in one lax.while_loop; `state` is donated (its buffers are reused in place).
+
+    Stops when every row is done; nothing syncs with the host inside.
+    """
+    def body(s):
+        target = nnx.merge(target_def, target_state)
+        draft = None if draft_def is None else nnx.merge(draft_def, draft_state)
+        return _round(target, draft, s, spec)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+def _bucket(n: int) -> int:
+    return max(MIN_PROMPT_BUCKET, 1 << (n - 1).bit_length())
+
+
+def _check_prompts(prompts, vocab: int, context_len: int) -> list[list[int]]:
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise UsageError("prompts must be a non-empty list of token-id lists, got " + repr(prompts)[:60])
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in np.asarray(p).reshape(-1)] if not isinstance(p, (list, tuple)) else list(p)
+        if not p:
+            raise UsageError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = [t for t in p if not isinstance(t, (int, np.integer)) or not (0 <= int(t) < vocab)]
+        if bad:
+            raise UsageError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
+        if len(p) >= context_len:
+            raise UsageError(f"prompt {i} has {len(p)} tokens, longer than the model's context of "
+                             f"{context_len - 1} prompt tokens")
+        out.append([int(t) for t in p])
+    return out
+
+
+def generate(target, draft=None, prompts=None, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, verify: str = "full",
+             stop_token_ids=None) -> GenerateResult:
+    """Generate continuations of token-id prompts, speculatively when `draft` is given (interfaces.md §3).
+
+    Output follows the target alone: greedy output equals plain greedy token for token, sampled output follows the
+    target's (temperature / top-k / top-p) distribution. Row i draws from its own stream fold_in(key(seed), i).
+    """
+    sampling = SamplingConfig(temperature, top_p, top_k)
+    policy = VerifyPolicy.parse(verify)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    config = target.config
+    context_len = config.max_position_embeddings
+    prompts = _check_prompts(prompts, config.vocab_size, context_len)
+    if draft is not None:
+        draft.config.check_target(config)
+        if policy.kind == "threshold" and not draft.config.enable_confidence_head:
+            raise UsageError(f"verify {verify!r} needs a draft with a confidence head; this draft has none "
+                             "(accepted: full)")
+    elif policy.kind != "full":
+        raise UsageError(f"verify {verify!r} needs a draft; plain decoding accepts only 'full'")
+    stops = tuple(target.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    block = 0 if draft is None else draft.config.block_size
+    bucket = _bucket(max(len(p) for p in prompts))
+    lens = np.array([len(p) for p in prompts], np.int32)
+    limits = np.minimum(lens + max_new_tokens, context_len - 1).astype(np.int32)
+    cache_len = -(-(max(bucket, int(limits.max())) + block + 2) // 64) * 64
+    spec = LoopSpec(sampling, policy, stops, () if draft is None else draft.config.target_layer_ids, block,
+                    context_len, cache_len, max_new_tokens + 1)
+    padded = np.zeros((len(prompts), bucket), np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, :len(p)] = p
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(len(prompts)))
+    draft_def = draft_state = None
+    if draft is not None:
+        draft_def, draft_state = draft.graphdef, draft.state
+    start = time.perf_counter()
+    state = prefill(target.graphdef, target.state, draft_def, draft_state, jnp.asarray(padded), jnp.asarray(lens),
+                    jnp.asarray(limits), keys, spec=spec)
+    state = decode_loop(target.graphdef, target.state, draft_def, draft_state, state, spec=spec)
+    tokens, lengths, rounds, acc, props = jax.device_get(
+        (state.tokens, state.lengths, state.rounds, state.acceptance, state.proposals))
+    seconds = time.perf_counter() - start
+    out_tokens, out_acc, out_prop = [], [], []
+    for i, n in enumerate(lens):
+        row = tokens[i, n:min(lengths[i], n + max_new_tokens)].tolist()
+        for j, t in enumerate(row):
+            if t in stops:
+                row = row[:j + 1]
+                break
+        out_tokens.append(row)
+        out_acc.append(acc[i, :rounds[i]].tolist())
+        out_prop.append(props[i, :rounds[i]].tolist())
+    total_rounds = int(rounds.sum())
+    tau = float(sum(map(sum, out_acc)) / total_rounds) if total_rounds else 0.0
+    return GenerateResult(out_tokens, out_acc, out_prop, tau, seconds)

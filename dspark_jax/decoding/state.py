@@ -1,0 +1,39 @@
+"""DecodeState: everything the round loop carries, as one pytree with named, shaped fields."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from dspark_jax.cache import KVCache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Loop carry. Positions count from the start of each row's prompt.
+
+    tokens: i32[batch, buf_len] prompt then committed tokens; lengths: i32[batch] committed tokens, so the anchor
+      (newest committed token, not yet consumed by the target) sits at lengths - 1;
+    limits: i32[batch] the anchor position at which a row stops (prompt length + max_new_tokens, capped by the cache);
+    done: bool[batch]; keys: per-row PRNG keys [batch];
+    target_cache: holds positions [0, anchor) of each row;
+    draft_cache / pending / num_pending: the draft's context K/V for positions [0, Q) and the raw target features
+      [batch, width, taps * hidden] of positions [Q, anchor) waiting to be pushed (None for plain decoding);
+    rounds: i32[batch]; acceptance / proposals: i32[batch, max_rounds] per-round committed tokens and drafts
+      verified (spec §6.7 statistics).
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    limits: jax.Array
+    done: jax.Array
+    keys: jax.Array
+    target_cache: KVCache
+    draft_cache: KVCache | None
+    pending: jax.Array | None
+    num_pending: jax.Array | None
+    rounds: jax.Array
+    acceptance: jax.Array
+    proposals: jax.Array

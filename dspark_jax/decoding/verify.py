@@ -1,0 +1,47 @@
+"""Target side of a round (spec §6.6): one target pass over [anchor, drafts] through its cache, then acceptance."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax import ops
+from dspark_jax.cache import KVCache
+from dspark_jax.configs import SamplingConfig
+from dspark_jax.models.qwen3 import Qwen3
+from dspark_jax.sampling import probabilities
+
+
+def target_pass(target: Qwen3, cache: KVCache, tokens: jax.Array, anchor_positions: jax.Array,
+                tap_layer_ids: tuple[int, ...]):
+    """tokens i32[batch, w] = [anchor, x_0..x_{w-2}] at positions P..P+w-1.
+
+    Returns (logits f32[batch, w, vocab], taps [batch, w, taps * hidden] or None, cache with the rows written).
+    Row i's logits are the target's distribution for position P + i + 1, causally independent of later rows,
+    so verifying k < w - 1 drafts needs no second pass.
+    """
+    w = tokens.shape[1]
+    positions = anchor_positions[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]
+    hidden, taps, cache = target(tokens, positions, cache, tap_layer_ids)
+    return target.logits(hidden), taps, cache
+
+
+def accept(sampling: SamplingConfig, draft_tokens: jax.Array, draft_probs: jax.Array, num_proposed: jax.Array,
+           target_logits: jax.Array, keys: jax.Array | None):
+    """Speculative rejection sampling over a chain (spec §6.6).
+
+    draft_tokens i32[batch, slots]; draft_probs f32[batch, slots, vocab]; num_proposed i32[batch];
+    target_logits f32[batch, slots + 1, vocab]; keys: per-row keys [batch] (None when greedy: the rule then
+    needs no randomness, because every ratio is 0 or 1).
+    Returns (accepted i32[batch], next_token i32[batch]).
+    """
+    target_probs = probabilities(target_logits, sampling)
+    bsz, slots = draft_tokens.shape
+    if keys is None:
+        uniforms = jnp.zeros((bsz, slots), jnp.float32)
+        residual_u = jnp.zeros((bsz,), jnp.float32)
+    else:
+        pairs = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+        uniforms = jax.vmap(lambda k: jax.random.uniform(k, (slots,)))(pairs[:, 0])
+        residual_u = jax.vmap(lambda k: jax.random.uniform(k, ()))(pairs[:, 1])
+    return ops.accept_chain(draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_u)

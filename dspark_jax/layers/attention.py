@@ -1,0 +1,87 @@
+"""Grouped-query attention with per-head q/k RMS norms and RoPE; the score/softmax core is shared with the draft."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.cache import causal_mask, write_rows
+from dspark_jax.layers.norms import RMSNorm
+from dspark_jax.layers.params import declare
+from dspark_jax.layers.rope import apply_rope, rope_frequencies
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Masked softmax attention with grouped KV heads.
+
+    q: [batch, t, q_heads, head_dim]; k, v: [batch, s, kv_heads, head_dim]; mask: bool[batch, t, s].
+    Returns [batch, t, q_heads, head_dim] in q's dtype. Query head i reads KV head i // (q_heads / kv_heads).
+    A query that sees nothing gets a zero output (the reference's convention for dropped training blocks).
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)  # [b, t, k, g, h]
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    visible = mask[:, None, None, :, :]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1) * jnp.any(visible, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)  # [b, t, n, h]
+
+
+class Attention(nnx.Module):
+    """Qwen3 self-attention: q/k/v projections per head, q/k RMSNorm per head before RoPE, no biases."""
+
+    def __init__(self, hidden: int, q_heads: int, kv_heads: int, head_dim: int, eps: float, rope_theta: float,
+                 rope_scaling: tuple | None,
+                 *, dtype: str, param_dtype: str, rngs: nnx.Rngs | None):
+        self.dtype = dtype
+        self.head_dim = head_dim
+        self.rope = (rope_theta, rope_scaling)  # static: the frequency table is recomputed (constant-folded)
+        self.q_proj = declare(rngs, (hidden, q_heads, head_dim), ("embed", "q_heads", "head_dim"), param_dtype)
+        self.k_proj = declare(rngs, (hidden, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.v_proj = declare(rngs, (hidden, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.o_proj = declare(rngs, (q_heads, head_dim, hidden), ("q_heads", "head_dim", "embed"), param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, axis_name="head_dim")
+        self.q_norm = RMSNorm(head_dim, eps, **kw)
+        self.k_norm = RMSNorm(head_dim, eps, **kw)
+
+    @property
+    def inv_freq(self) -> jax.Array:
+        return rope_frequencies(self.head_dim, *self.rope)
+
+    def queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x: [batch, t, hidden], positions i32[batch, t] -> roped q [batch, t, q_heads, head_dim]."""
+        q = jnp.einsum("btd,dnh->btnh", x.astype(self.dtype), self.q_proj[...].astype(self.dtype))
+        return apply_rope(self.q_norm(q), positions, self.inv_freq)
+
+    def keys_values(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [batch, t, hidden] -> roped, normed k and v, each [batch, t, kv_heads, head_dim]."""
+        x = x.astype(self.dtype)
+        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(self.dtype))
+        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(self.dtype))
+        return apply_rope(self.k_norm(k), positions, self.inv_freq), v
+
+    def output(self, a: jax.Array) -> jax.Array:
+        """a: [batch, t, q_heads, head_dim] -> [batch, t, hidden]."""
+        return jnp.einsum("btnh,nhd->btd", a, self.o_proj[...].astype(self.dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array | None = None,
+                 v_cache: jax.Array | None = None):
+        """Causal self-attention over a chunk, optionally through a cache.
+
+        x: [batch, t, hidden]; positions: i32[batch, t] (consecutive per row). With caches
+        ([batch, cache_len, kv_heads, head_dim]) the chunk's k/v are written at positions[:, 0] first and queries
+        attend to every cache slot at or before their position. Returns (out, k_cache, v_cache).
+        """
+        q = self.queries(x, positions)
+        k, v = self.keys_values(x, positions)
+        scale = self.head_dim ** -0.5
+        if k_cache is None:
+            mask = positions[:, None, :] <= positions[:, :, None]
+            return self.output(attend(q, k, v, mask, scale)), None, None
+        k_cache = write_rows(k_cache, k, positions[:, 0])
+        v_cache = write_rows(v_cache, v, positions[:, 0])
+        mask = causal_mask(positions, k_cache.shape[1])
+        return self.output(attend(q, k_cache, v_cache, mask, scale)), k_cache, v_cache

@@ -1,0 +1,147 @@
+"""DSpark / DFlash draft backbone (spec §4): context projection, the block forward, base logits and the heads.
+
+The draft reuses the target family's decoder layer. Context rows enter every layer only as keys and values
+(projected once by `fc` + `hidden_norm`, spec §4.1); queries come from the block's slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.cache import KVCache, write_rows
+from dspark_jax.configs import DraftConfig
+from dspark_jax.layers.attention import attend
+from dspark_jax.layers.norms import RMSNorm
+from dspark_jax.layers.params import Frozen, declare
+from dspark_jax.models.heads import ConfidenceHead, MarkovHead
+from dspark_jax.models.qwen3 import DecoderLayer
+
+
+class Draft(nnx.Module):
+    """Params: embed_tokens [vocab, hidden] and lm_head [hidden, vocab] (Frozen copies of the target's, spec §5.3),
+    fc [taps * hidden, hidden], hidden_norm, layers, norm, and optionally markov_head / confidence_head.
+    """
+
+    def __init__(self, config: DraftConfig, *, rngs: nnx.Rngs | None):
+        self.config = config
+        c = config.model
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.embed_tokens = declare(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype,
+                                    kind=Frozen)
+        self.fc = declare(rngs, (config.num_taps * c.hidden_size, c.hidden_size), ("taps", "embed"), c.param_dtype)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.lm_head = declare(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype, kind=Frozen)
+        if config.use_markov:
+            self.markov_head = MarkovHead(c.vocab_size, c.hidden_size, config.markov_rank, config.markov_head_type,
+                                          param_dtype=c.param_dtype, rngs=rngs)
+        if config.enable_confidence_head:
+            n_in = c.hidden_size + (config.markov_rank if config.confidence_head_with_markov else 0)
+            self.confidence_head = ConfidenceHead(n_in, param_dtype=c.param_dtype, rngs=rngs)
+
+    # ---------------------------------------------------------------------------------------------- context (§4.1)
+
+    def project_context(self, features: jax.Array) -> jax.Array:
+        """features [batch, t, taps * hidden] (raw target layer outputs) -> c [batch, t, hidden]."""
+        dtype = self.config.model.dtype
+        c = jnp.einsum("btm,md->btd", features.astype(dtype), self.fc[...].astype(dtype))
+        return self.hidden_norm(c)
+
+    def context_kv(self, features: jax.Array, positions: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+        """Per layer, roped keys and values of context rows: each [batch, t, kv_heads, head_dim]."""
+        c = self.project_context(features)
+        return [layer.self_attn.keys_values(c, positions) for layer in self.layers]
+
+    def push_context(self, cache: KVCache, features: jax.Array, starts: jax.Array) -> KVCache:
+        """Append context rows to the draft cache (spec §6.3 step 2-4).
+
+        features: [batch, t, taps * hidden] for positions starts..starts+t-1 of each row (starts = cache.lengths).
+        Rows past a row's real count are written too but stay invisible: the caller sets `lengths`.
+        """
+        t = features.shape[1]
+        positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        k_all, v_all = cache.k, cache.v
+        for i, (k, v) in enumerate(self.context_kv(features, positions)):
+            k_all = k_all.at[i].set(write_rows(k_all[i], k, starts))
+            v_all = v_all.at[i].set(write_rows(v_all[i], v, starts))
+        return KVCache(k_all, v_all, cache.lengths)
+
+    # ------------------------------------------------------------------------------------------ block (§4.2-§4.4)
+
+    def block_inputs(self, anchors: jax.Array) -> jax.Array:
+        """anchors i32[batch] -> block tokens i32[batch, slots] = [anchor, mask, ..., mask] (spec §4.2)."""
+        b = anchors.shape[0]
+        masks = jnp.full((b, self.config.block_size - 1), self.config.mask_token_id, jnp.int32)
+        return jnp.concatenate([anchors[:, None].astype(jnp.int32), masks], axis=1)
+
+    def layers_forward(self, tokens: jax.Array, positions: jax.Array, context_kv, mask: jax.Array) -> jax.Array:
+        """Run the draft layers over block rows.
+
+        tokens/positions: i32[batch, t] block rows; context_kv: per layer (k, v) [batch, s, kv_heads, head_dim];
+        mask: bool[batch, t, s + t] (context columns, then block columns). Returns h [batch, t, hidden] after the
+        final norm.
+        """
+        c = self.config.model
+        z = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(c.dtype)
+        scale = c.head_dim ** -0.5
+        for layer, (ctx_k, ctx_v) in zip(self.layers, context_kv):
+            attn = layer.self_attn
+            zn = layer.input_layernorm(z)
+            q = attn.queries(zn, positions)
+            k, v = attn.keys_values(zn, positions)
+            keys = jnp.concatenate([ctx_k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([ctx_v.astype(v.dtype), v], axis=1)
+            z = z + attn.output(attend(q, keys, values, mask, scale))
+            z = z + layer.mlp(layer.post_attention_layernorm(z))
+        return self.norm(z)
+
+    def block_hidden(self, cache: KVCache, anchors: jax.Array, anchor_positions: jax.Array) -> jax.Array:
+        """One block per row through the cached context (spec §6.3).
+
+        anchors, anchor_positions: i32[batch]. Slots see cache rows s < cache.lengths (all < the anchor) and every
+        slot of their own block. Returns h [batch, slots, hidden]; the block's own k/v are never cached.
+        """
+        bsz, slots = anchors.shape[0], self.config.block_size
+        positions = anchor_positions[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :]
+        visible_ctx = jnp.arange(cache.cache_len)[None, :] < cache.lengths[:, None]  # [b, s]
+        mask = jnp.concatenate([jnp.broadcast_to(visible_ctx[:, None, :], (bsz, slots, cache.cache_len)),
+                                jnp.ones((bsz, slots, slots), bool)], axis=-1)
+        context_kv = [(cache.k[i], cache.v[i]) for i in range(len(self.layers))]
+        return self.layers_forward(self.block_inputs(anchors), positions, context_kv, mask)
+
+    def base_logits(self, hidden: jax.Array) -> jax.Array:
+        """u_j = W_lm h_j (spec §4.6): [..., hidden] -> f32[..., vocab]."""
+        dtype = self.config.model.dtype
+        return jnp.einsum("...d,dv->...v", hidden.astype(dtype), self.lm_head[...].astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------------------------------- heads (§4.7-4.8)
+
+    def slot_head(self, hidden: jax.Array, base_logits: jax.Array, prev_tokens: jax.Array, state: jax.Array):
+        """One slot of the sequential and confidence heads.
+
+        hidden [..., hidden], base_logits f32[..., vocab], prev_tokens i32[...], state f32[..., rank] (RNN).
+        Returns (adjusted logits f32[..., vocab], confidence logit f32[...] or None, new state).
+        """
+        prev_embed = None
+        logits = base_logits
+        if self.config.use_markov:
+            prev_embed = self.markov_head.embed_prev(prev_tokens)
+            beta, state = self.markov_head.bias(hidden, prev_embed, state)
+            logits = base_logits + beta
+        confidence = None
+        if self.config.enable_confidence_head:
+            features = prev_embed if self.config.confidence_head_with_markov else None
+            confidence = self.confidence_head(hidden, features)
+        return logits, confidence, state
+
+    def init_head_state(self, batch_shape: tuple[int, ...]) -> jax.Array:
+        rank = self.config.markov_rank if self.config.use_markov else 1
+        return jnp.zeros((*batch_shape, rank), jnp.float32)
+
+    def init_cache(self, batch: int, cache_len: int) -> KVCache:
+        c = self.config.model
+        return KVCache.zeros(c.num_hidden_layers, batch, cache_len, c.num_key_value_heads, c.head_dim, c.dtype)

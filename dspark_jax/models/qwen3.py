@@ -1,0 +1,92 @@
+"""Qwen3 target: tokens -> final hidden states, tapped layer outputs and the updated KV cache; logits on demand."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.cache import KVCache
+from dspark_jax.configs import Qwen3Config
+from dspark_jax.layers.attention import Attention
+from dspark_jax.layers.mlp import MLP
+from dspark_jax.layers.norms import RMSNorm
+from dspark_jax.layers.params import declare
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Also the draft's layer (spec §4.4)."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs | None):
+        c = config
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                   c.rms_norm_eps, c.rope_theta, c.rope_scaling, **kw)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
+
+    def __call__(self, x, positions, k_cache=None, v_cache=None):
+        a, k_cache, v_cache = self.self_attn(self.input_layernorm(x), positions, k_cache, v_cache)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+
+
+class Qwen3(nnx.Module):
+    """Qwen3ForCausalLM. Params: embed_tokens [vocab, hidden], layers, norm, lm_head [hidden, vocab] (untied)."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs | None):
+        c = self.config = config
+        self.embed_tokens = declare(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
+        self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        if not c.tie_word_embeddings:
+            self.lm_head = declare(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """i32[batch, t] -> [batch, t, hidden] in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden [..., hidden] -> f32[..., vocab]."""
+        c = self.config
+        if c.tie_word_embeddings:
+            w = self.embed_tokens[...].astype(c.dtype).T
+        else:
+            w = self.lm_head[...].astype(c.dtype)
+        return jnp.einsum("...d,dv->...v", hidden.astype(c.dtype), w, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 tap_layer_ids: tuple[int, ...] = ()):
+        """Run the stack over a chunk.
+
+        Args:
+          tokens: i32[batch, t]; positions: i32[batch, t], consecutive per row.
+          cache: optional KVCache; the chunk's k/v are written at positions[:, 0] and queries see every earlier
+            slot. Its `lengths` are left to the caller (rollback and commit are decoding's business).
+          tap_layer_ids: decoder layers whose raw (pre-final-norm) outputs to return; -1 = the embedding output.
+        Returns:
+          hidden: [batch, t, hidden] after the final norm; taps: [batch, t, taps * hidden] in tap order (None when
+          no taps); the cache with this chunk written (None without a cache).
+        """
+        x = self.embed(tokens)
+        outputs = {-1: x}
+        k_all = v_all = None
+        if cache is not None:
+            k_all, v_all = cache.k, cache.v
+        wanted = set(tap_layer_ids)
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x, _, _ = layer(x, positions)
+            else:
+                x, k, v = layer(x, positions, k_all[i], v_all[i])
+                k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)
+            if i in wanted:
+                outputs[i] = x
+        taps = jnp.concatenate([outputs[i] for i in tap_layer_ids], axis=-1) if tap_layer_ids else None
+        new_cache = None if cache is None else KVCache(k_all, v_all, cache.lengths)
+        return self.norm(x), taps, new_cache
+
+    def init_cache(self, batch: int, cache_len: int) -> KVCache:
+        c = self.config
+        return KVCache.zeros(c.num_hidden_layers, batch, cache_len, c.num_key_value_heads, c.head_dim, c.dtype)

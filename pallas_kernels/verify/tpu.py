@@ -1,0 +1,109 @@
+"""Mosaic (TPU) variant of the verify kernel: the shared body from `_kernel.py` with VMEM row blocks.
+
+Layout on the TPU:
+
+* grid = (batch,), marked "parallel" (rows are independent and every block, outputs included, is per row).
+* VMEM, per grid step (double-buffered by the pipeline): `target_probs[b]` f32[nodes+1, Vp] and
+  `draft_probs[b]` f32[nodes, Vp], Vp = vocab zero-padded to a multiple of `block_v` (itself a multiple of the
+  128-lane width); padded lanes carry zero mass, so they are never accepted or sampled. Tiles are (1, block_v)
+  loads at a dynamic row. This costs about 2 * (2*nodes + 1) * Vp * 4 bytes of VMEM (~20 MiB for nodes=8,
+  vocab=151936), so `vmem_limit_bytes` is raised to fit; very long trees x large vocabs exceed VMEM.
+  The padding is a copy of both probability tensors when vocab % block_v != 0.
+* SMEM: the packed per-row scalars (f32[1, 2N + N*N + 1], i32[1, N + 1]) and the output row i32[1, 2].
+
+Only the Mosaic lowering of this variant is exercised off-TPU (cross-lowering test); it has not been run on
+TPU hardware here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.experimental import pallas as pl
+
+from .. import _common
+from . import tuning
+from ._kernel import verify_pallas
+from .reference import VerifyResult
+
+_LANES = 128
+_VMEM_HEADROOM = 8 * 1024 * 1024
+_VMEM_CAP = 100 * 1024 * 1024
+
+
+def _tpu():
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu
+
+
+def tpu_config(vocab: int, block_v: int | None = None) -> int:
+    """block_v for `vocab` from `tuning.TPU_BLOCKS`: a power-of-two multiple of 128 lanes."""
+    row = _common.lookup_by_size(tuning.TPU_BLOCKS, vocab) or tuning.FALLBACK["tpu"]
+    block = _common.tpu_block(block_v if block_v is not None else row[0], vocab, lane=_LANES)
+    # The in-tile bisection needs a power of two; round down to one that is still a lane multiple.
+    return max(_LANES, 1 << (block.bit_length() - 1))
+
+
+def _loader(block_v: int):
+    def for_vocab(vocab: int):
+        del vocab  # padded to a multiple of block_v by the wrapper
+
+        def load(ref, row, start):
+            return ref[pl.ds(row, 1), pl.ds(start, block_v)]
+
+        return load
+
+    return for_vocab
+
+
+@functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
+def verify_tpu(
+    draft_tokens: jax.Array,
+    parents: jax.Array,
+    num_proposed: jax.Array,
+    target_probs: jax.Array,
+    draft_probs: jax.Array,
+    uniforms: jax.Array,
+    residual_uniforms: jax.Array,
+    *,
+    block_v: int,
+    interpret: bool = False,
+) -> VerifyResult:
+    """Acceptance step as a Mosaic TPU Pallas kernel; same inputs/outputs as `reference.verify_reference`.
+
+    Args:
+      draft_tokens: i32[batch, nodes]; parents: i32[batch, nodes]; num_proposed: i32[batch];
+      target_probs: f32[batch, nodes+1, vocab]; draft_probs: f32[batch, nodes, vocab];
+      uniforms: f32[batch, nodes]; residual_uniforms: f32[batch]  (other float dtypes are cast to f32).
+      block_v: vocab tile, a power of two and a multiple of 128 (see `tpu_config`); vocab is padded to it.
+      interpret: run through the Pallas interpreter (any backend, e.g. CPU tests).
+
+    Returns:
+      VerifyResult(accept_len i32[batch], accepted_nodes i32[batch, nodes], next_token i32[batch]).
+    """
+    if block_v % _LANES or not _common.is_power_of_2(block_v):
+        raise ValueError(f"block_v must be a power-of-two multiple of {_LANES}, got {block_v}")
+    pltpu = _tpu()
+    nodes = draft_tokens.shape[1]
+    padded = _common.round_up(target_probs.shape[-1], block_v)
+    vmem = 2 * (2 * max(nodes, 1) + 1) * padded * 4 + _VMEM_HEADROOM
+    return verify_pallas(
+        draft_tokens,
+        parents,
+        num_proposed,
+        target_probs,
+        draft_probs,
+        uniforms,
+        residual_uniforms,
+        block_v=block_v,
+        vocab_multiple=block_v,
+        load_tile_for=_loader(block_v),
+        scalar_memory_space=pltpu.SMEM,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel",), vmem_limit_bytes=int(min(vmem, _VMEM_CAP))
+        ),
+        interpret=_common.interpret_arg(interpret, _common.TPU),
+        name="dspark_verify_mosaic",
+    )
