@@ -73,19 +73,14 @@ def tpu_block(block: int, extent: int, *, lane: int = 128) -> int:
     return min(block, round_up(extent, lane))
 
 
-def interpret_arg(interpret: bool, kernel_platform: str):
+def interpret_arg(interpret):
     """Value for `pl.pallas_call(interpret=...)`.
 
-    Interpret mode uses the generic HLO interpreter (`True`) for every kernel variant: it runs on any backend
-    (including CPU) and ignores memory spaces, which is what the CPU tests need. Compiled mode (`False`) needs
-    the default backend to match the kernel variant.
+    `True` selects the generic HLO interpreter, which runs every kernel variant on any backend (CPU tests) and
+    ignores memory spaces; a backend-specific params object (e.g. `pltpu.InterpretParams()`) is passed through
+    for a more faithful simulation; `False`/`None` compile for the lowering platform (which must then be a
+    GPU for Triton kernels or a TPU for Mosaic ones -- cross-lowering from a CPU host also works).
     """
-    if interpret:
-        return True
-    here = platform()
-    if here != kernel_platform:
-        raise ValueError(
-            f"a compiled {kernel_platform} Pallas kernel cannot run on the {here} backend; "
-            "pass interpret=True (CPU tests) or impl='reference'"
-        )
-    return False
+    if interpret is None or interpret is False:
+        return False
+    return interpret

@@ -62,6 +62,8 @@ def verify(
     here = _common.platform()
     if impl == "reference" or (impl == "auto" and here not in (_common.GPU, _common.TPU)):
         return verify_reference(*args)
+    if not interpret and here not in (_common.GPU, _common.TPU):
+        raise ValueError(f"impl='pallas' needs a GPU or TPU backend (jax runs on {here}); pass interpret=True")
     variant = _common.platform(platform) if platform is not None else here
     vocab = target_probs.shape[-1]
     if variant == _common.TPU:

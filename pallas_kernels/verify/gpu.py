@@ -113,6 +113,6 @@ def verify_gpu(
         load_tile_for=_masked_loader(block_v),
         scalar_memory_space=None,
         compiler_params=_triton().CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=_common.interpret_arg(interpret, _common.GPU),
+        interpret=_common.interpret_arg(interpret),
         name="dspark_verify_triton",
     )

@@ -104,6 +104,6 @@ def verify_tpu(
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel",), vmem_limit_bytes=int(min(vmem, _VMEM_CAP))
         ),
-        interpret=_common.interpret_arg(interpret, _common.TPU),
+        interpret=_common.interpret_arg(interpret),
         name="dspark_verify_mosaic",
     )

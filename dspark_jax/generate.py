@@ -1,0 +1,185 @@
+"""CLI: python -m dspark_jax.generate — speculative (or plain) generation with stats; see interfaces.md §4."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+from dspark_jax.cli_util import OneLineArgumentParser
+from dspark_jax.errors import DSparkError, UsageError
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_code")
+DEFAULT_TARGET = os.path.join(ASSETS, "target")
+DEFAULT_DRAFT = os.path.join(ASSETS, "dspark")
+DEFAULT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateArgs:
+    """The CLI's flags, one field each."""
+
+    target: str | None = None
+    draft: str | None = None
+    no_draft: bool = False
+    prompt: str | None = None
+    prompt_ids: str | None = None
+    prompts_file: str | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    verify: str = "full"
+    dtype: str | None = None
+    compare: bool = False
+    json: bool = False
+
+
+def build_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog="python -m dspark_jax.generate",
+                              description="Generate with a target and a DSpark draft (defaults: the embedded pair).")
+    p.add_argument("--target", help="target folder or hub id (default: the embedded tiny_code target)")
+    p.add_argument("--draft", help="draft folder or hub id (default: the embedded DSpark draft)")
+    p.add_argument("--no-draft", action="store_true", help="plain decoding with the target alone")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (through the chat template when the tokenizer has one)")
+    src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    src.add_argument("--prompts-file", help='jsonl with {"turns": ["..."]} or {"prompt_ids": [...]} per line')
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", default="full", help="full | threshold:X")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
+    p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
+    return p
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UsageError("--prompt-ids is empty; give at least one token id")
+    return ids
+
+
+def _read_prompts_file(path: str, tokenizer) -> list[list[int]]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--prompts-file {path!r} does not exist")
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"--prompts-file {path} line {n} is not JSON") from None
+            if isinstance(row, dict) and "prompt_ids" in row:
+                prompts.append([int(t) for t in row["prompt_ids"]])
+            elif isinstance(row, dict) and row.get("turns"):
+                prompts.append(_encode(row["turns"][0], tokenizer))
+            else:
+                raise UsageError(f"--prompts-file {path} line {n} needs 'turns' or 'prompt_ids'")
+    if not prompts:
+        raise UsageError(f"--prompts-file {path} holds no prompts")
+    return prompts
+
+
+def _encode(text: str, tokenizer) -> list[int]:
+    if tokenizer is None:
+        raise UsageError("a text prompt needs a tokenizer.json in the target folder; use --prompt-ids instead")
+    return tokenizer.encode_prompt(text)
+
+
+def _timed(target, draft, prompts, args: GenerateArgs):
+    """Compile with one run, then time a second identical run (tokens/s must not include compilation)."""
+    import dspark_jax as dj
+
+    kwargs = dict(prompts=prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, verify=args.verify if draft else "full")
+    dj.generate(target, draft, **kwargs)
+    return dj.generate(target, draft, **kwargs)
+
+
+def run(args: GenerateArgs) -> dict:
+    import jax
+
+    import dspark_jax as dj
+
+    # Validate every flag before anything is loaded or compiled.
+    dj.SamplingConfig(args.temperature, args.top_p, args.top_k)
+    dj.VerifyPolicy.parse(args.verify)
+    if not isinstance(args.max_new_tokens, int) or args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    target_path = args.target or DEFAULT_TARGET
+    draft_path = None if args.no_draft else (args.draft or (DEFAULT_DRAFT if args.target is None else None))
+    if args.target is None and not os.path.isdir(DEFAULT_TARGET):
+        raise DSparkError("the embedded default pair (dspark_jax/assets/tiny_code) is not built yet; pass --target")
+    if args.draft is None and args.target is not None and not args.no_draft:
+        raise UsageError("--target without --draft: pass --draft PATH|ID or --no-draft")
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    target = dj.load_target(target_path, dtype=dtype)
+    draft = dj.load_draft(draft_path, target=target) if draft_path else None
+    if args.prompt_ids is not None:
+        prompts = [_parse_ids(args.prompt_ids)]
+    elif args.prompts_file is not None:
+        prompts = _read_prompts_file(args.prompts_file, target.tokenizer)
+    else:
+        prompts = [_encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT, target.tokenizer)]
+    result = _timed(target, draft, prompts, args)
+    plain = _timed(target, None, prompts, args) if args.compare and draft is not None else None
+    tps = result.new_tokens / max(result.seconds, 1e-9)
+    plain_tps = plain.new_tokens / max(plain.seconds, 1e-9) if plain else None
+    tok = target.tokenizer
+    return {
+        "prompts": [{"prompt_ids": p, "tokens": t, "text": tok.decode(t) if tok else None,
+                     "acceptance_lengths": a, "proposal_lengths": q}
+                    for p, t, a, q in zip(prompts, result.tokens, result.acceptance_lengths,
+                                          result.proposal_lengths)],
+        "tau": result.tau if draft is not None else 1.0,
+        "new_tokens": result.new_tokens,
+        "seconds": result.seconds,
+        "tokens_per_s": tps,
+        "plain_tokens_per_s": plain_tps,
+        "speedup": tps / plain_tps if plain_tps else None,
+        "config": {**dataclasses.asdict(args), "target": target_path, "draft": draft_path, "dtype": dtype,
+                   "backend": jax.default_backend()},
+    }
+
+
+def _print_human(out: dict) -> None:
+    for p in out["prompts"]:
+        print(p["text"] if p["text"] is not None else " ".join(map(str, p["tokens"])))
+        print("-" * 60)
+    line = f"tau {out['tau']:.2f} | {out['new_tokens']} tokens in {out['seconds']:.2f} s | " \
+           f"{out['tokens_per_s']:.1f} tok/s"
+    if out["speedup"] is not None:
+        line += f" | plain {out['plain_tokens_per_s']:.1f} tok/s | speedup {out['speedup']:.2f}x"
+    print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    args = GenerateArgs(**vars(ns))
+    try:
+        out = run(args)
+    except DSparkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_human(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
