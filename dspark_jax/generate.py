@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import types
 
 from dspark_jax.cli_util import OneLineArgumentParser
 from dspark_jax.errors import DSparkError, UsageError
@@ -83,7 +84,10 @@ def _read_prompts_file(path: str, tokenizer) -> list[list[int]]:
             except json.JSONDecodeError:
                 raise UsageError(f"--prompts-file {path} line {n} is not JSON") from None
             if isinstance(row, dict) and "prompt_ids" in row:
-                prompts.append([int(t) for t in row["prompt_ids"]])
+                ids = row["prompt_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise UsageError(f"--prompts-file {path} line {n}: prompt_ids must be a list of integers")
+                prompts.append(ids)
             elif isinstance(row, dict) and row.get("turns"):
                 prompts.append(_encode(row["turns"][0], tokenizer))
             else:
@@ -180,6 +184,18 @@ def main(argv: list[str] | None = None) -> int:
         _print_human(out)
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """Importing this module sets the package attribute `dspark_jax.generate` to the module, hiding the API
+    function `dj.generate` (interfaces.md §3) for the rest of the process; calls go on to that function."""
+
+    def __call__(self, *args, **kwargs):
+        from dspark_jax.decoding.loop import generate
+
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,8 @@ def resolve(path_or_id: str) -> str:
     """
     if not isinstance(path_or_id, str) or not path_or_id:
         raise UsageError(f"checkpoint must be a folder or a Hugging Face repo id, got {path_or_id!r}")
+    if path_or_id.startswith("~"):  # `--target=~/x` reaches us unexpanded by the shell
+        path_or_id = os.path.expanduser(path_or_id)
     if os.path.isdir(path_or_id):
         return path_or_id
     if os.path.exists(path_or_id):
@@ -49,14 +51,17 @@ def resolve(path_or_id: str) -> str:
 
 
 def checkpoint_kind(config: dict, source: str) -> str:
-    """'qwen3', 'dspark' or 'dflash' from a config.json dict."""
+    """'qwen3', 'dspark' or 'dflash' (or 'dspark_gemma4' / 'dflash_gemma4') from a config.json dict."""
     arch = (config.get("architectures") or [""])[0]
+    if config.get("architectures") == ["Gemma4DSparkModel"]:  # Gemma4 flavour (spec §4.5, §5.1)
+        heads = config.get("markov_rank") or config.get("enable_confidence_head")
+        return "dspark_gemma4" if heads else "dflash_gemma4"
     if arch in ("Qwen3DSparkModel",) or "block_size" in config:
         return "dspark" if config.get("markov_rank") or config.get("enable_confidence_head") else "dflash"
     if config.get("model_type") == "qwen3" or arch == "Qwen3ForCausalLM":
         return "qwen3"
     raise UsageError(f"{source}: unsupported architecture {arch or config.get('model_type')!r}; accepted: "
-                     "Qwen3ForCausalLM, Qwen3DSparkModel")
+                     "Qwen3ForCausalLM, Qwen3DSparkModel, Gemma4DSparkModel")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tap_layer_ids"))
@@ -101,7 +106,11 @@ class DraftHandle:
 
     def propose(self, taps, anchor, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, key=None,
                 cache=None, anchor_position=None):
-        """Research API: one block from context features (see decoding.propose.propose_block)."""
+        """Research API: one block from context features (see decoding.propose.propose_from_features).
+
+        Returns (Proposal, cache): tokens i32[batch, slots], base_logits / logits f32[batch, slots, vocab],
+        confidence_logits f32[batch, slots], hidden [batch, slots, hidden]; pass the cache back to continue.
+        """
         from dspark_jax.decoding.propose import propose_from_features
 
         return propose_from_features(self, taps, anchor, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -109,7 +118,8 @@ class DraftHandle:
 
 
 def _abstract(model_cls, config):
-    return nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
+    # rngs=None: no random init to trace (layers.params.declare); the values are replaced by the checkpoint's.
+    return nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=None)))
 
 
 def _load_params(folder: str, kind: str, model_cls, config, mesh, source: str, bound: dict | None = None):
@@ -123,9 +133,10 @@ def _load_params(folder: str, kind: str, model_cls, config, mesh, source: str, b
     if checkpoints.is_orbax_checkpoint(folder):
         return graphdef, checkpoints.restore_state(folder, abstract, shardings)
     with open_checkpoint(folder) as reader:
-        skip = (r"layers\.\d+\.layer_scalar",)  # Gemma4 buffers of value 1.0 (spec §5.2); ignored for Qwen3
+        # Gemma4 buffers of value 1.0 (spec §5.2): ignored by Qwen3 drafts, loaded as LayerScalar by Gemma4 ones.
+        skip = (r"layers\.\d+\.layer_scalar",)
         state = convert_state(reader, KEYMAPS[kind], abstract, source=source, mesh=mesh, bound=bound,
-                              skip=skip if kind != "qwen3" else ())
+                              skip=skip if kind in ("dspark", "dflash") else ())
     return graphdef, state
 
 
@@ -150,6 +161,9 @@ def load_draft(path_or_id: str, target: Target) -> DraftHandle:
     kind = checkpoint_kind(raw, os.path.join(folder, "config.json"))
     if kind == "qwen3":
         raise UsageError(f"{path_or_id!r} is a target model, not a DSpark/DFlash draft")
+    if kind.endswith("_gemma4"):
+        raise UsageError(f"{path_or_id!r} is a Gemma4 draft and this port has no Gemma4 target to bind it to; "
+                         "use load_gemma4_draft")
     config = DraftConfig.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(
         target.config.param_dtype)
     if target.config.dtype != target.config.param_dtype:
@@ -162,9 +176,25 @@ def load_draft(path_or_id: str, target: Target) -> DraftHandle:
     return DraftHandle(config, graphdef, state, folder)
 
 
+def load_gemma4_draft(path_or_id: str, dtype: str = "bfloat16",
+                      mesh: jax.sharding.Mesh | None = None) -> DraftHandle:
+    """Load a Gemma4DSparkModel draft on its own (spec §4.5): there is no JAX Gemma4 target to bind, so the frozen
+    embedding / LM-head copies come from the checkpoint, which must hold them (spec §5.3 allows either source).
+    """
+    folder = resolve(path_or_id)
+    raw = read_config_json(folder)
+    kind = checkpoint_kind(raw, os.path.join(folder, "config.json"))
+    if not kind.endswith("_gemma4"):
+        raise UsageError(f"{path_or_id!r} is a {kind} checkpoint, not a Gemma4DSparkModel draft")
+    config = DraftConfig.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(_check_dtype(dtype))
+    graphdef, state = _load_params(folder, kind, Draft, config, mesh, path_or_id)
+    return DraftHandle(config, graphdef, state, folder)
+
+
 def convert_checkpoint(src: str, dst: str, *, kind: str = "auto", dtype: str = "bfloat16", mesh=None) -> None:
     """Safetensors (folder or hub id) -> orbax folder at `dst` with config.json; atomic (nothing left on failure)."""
     folder = resolve(src)
+    _check_destination(dst, folder)
     raw = read_config_json(folder)
     detected = checkpoint_kind(raw, os.path.join(folder, "config.json"))
     if kind not in ("auto", detected):
@@ -179,7 +209,23 @@ def convert_checkpoint(src: str, dst: str, *, kind: str = "auto", dtype: str = "
     extras = tuple(os.path.join(folder, f) for f in ("tokenizer.json", "tokenizer_config.json",
                                                         "generation_config.json")
                    if os.path.isfile(os.path.join(folder, f)))
-    checkpoints.save_state(dst, state, {**raw, "torch_dtype": dtype}, extras)
+    try:
+        checkpoints.save_state(dst, state, {**raw, "torch_dtype": dtype}, extras)
+    except OSError as e:  # unwritable or invalid destination: one line, like every other bad input
+        raise DSparkError(f"cannot write {dst!r}: {e.strerror or e}") from None
+
+
+def _check_destination(dst: str, src_folder: str) -> None:
+    """Refuse a --dst whose replacement would destroy something that is not a previous conversion."""
+    if not isinstance(dst, str) or not dst:
+        raise UsageError(f"dst must be a folder path, got {dst!r}")
+    real = os.path.realpath(dst)
+    src = os.path.realpath(src_folder)
+    if real == src or src.startswith(real + os.sep):
+        raise UsageError(f"dst {dst!r} would overwrite the source checkpoint {src_folder!r}; pick another folder")
+    if os.path.exists(dst) and not (os.path.isdir(dst) and (not os.listdir(dst)
+                                                            or checkpoints.is_orbax_checkpoint(dst))):
+        raise UsageError(f"dst {dst!r} exists and is not a dspark_jax checkpoint; remove it or pick a new folder")
 
 
 def _check_dtype(dtype: str) -> str:
@@ -188,4 +234,5 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-__all__ = ["Target", "DraftHandle", "load_target", "load_draft", "convert_checkpoint", "resolve", "DSparkError"]
+__all__ = ["Target", "DraftHandle", "load_target", "load_draft", "load_gemma4_draft", "convert_checkpoint", "resolve",
+           "DSparkError"]

@@ -18,3 +18,12 @@ DRAFT_KEYMAP = (
     (r"confidence_head\.proj\.weight", "confidence_head.proj.weight", "transpose"),
     (r"confidence_head\.proj\.bias", "confidence_head.proj.bias", "identity"),
 )
+
+# Gemma4 flavour (spec §5.2): the same keys plus the sandwich norms and the layer_scalar buffer; with key-equals-value
+# attention the checkpoint and the tree both lack v_proj, so the shared v_proj row simply matches nothing.
+GEMMA4_DRAFT_KEYMAP = (
+    *DRAFT_KEYMAP,
+    (r"layers\.(\d+)\.pre_feedforward_layernorm\.weight", "layers.{0}.pre_feedforward_layernorm.weight", "identity"),
+    (r"layers\.(\d+)\.post_feedforward_layernorm\.weight", "layers.{0}.post_feedforward_layernorm.weight", "identity"),
+    (r"layers\.(\d+)\.layer_scalar", "layers.{0}.layer_scalar", "identity"),  # [1] buffer, loaded as LayerScalar
+)

@@ -18,22 +18,22 @@ from flax import nnx
 
 from dspark_jax.configs import SamplingConfig, VerifyPolicy
 from dspark_jax.decoding.propose import propose
-from dspark_jax.decoding.schedule import num_to_verify
+from dspark_jax.decoding.schedule import num_to_verify, policy_threshold
 from dspark_jax.decoding.state import DecodeState
 from dspark_jax.decoding.verify import accept, target_pass
 from dspark_jax.errors import UsageError
 from dspark_jax.sampling import draw, probabilities
 
 MIN_PROMPT_BUCKET = 16
+STOP_SLOTS = 4  # stop ids are padded with -1 to a multiple of this, so their number rarely changes the shapes
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopSpec:
-    """Everything static about one compiled loop (hashable: it keys the jit cache)."""
+    """Everything static about one compiled loop (hashable: it keys the jit cache). Stop tokens and the verify
+    threshold are data in DecodeState, so they never recompile the loop."""
 
     sampling: SamplingConfig
-    policy: VerifyPolicy
-    stop_token_ids: tuple[int, ...]
     tap_layer_ids: tuple[int, ...]
     block_size: int  # drafts per round; 0 = plain decoding
     context_len: int  # positions must stay below this (the target's max_position_embeddings)
@@ -66,18 +66,18 @@ def _row_keys(keys):
     return parts[:, 0], parts[:, 1], parts[:, 2]
 
 
-def _is_stop(tokens, spec: LoopSpec):
-    if not spec.stop_token_ids:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(spec.stop_token_ids, jnp.int32))
+def _is_stop(tokens, stop_ids):
+    """bool[...] for i32[...] tokens against i32[stop_slots] stop ids (-1 = an empty slot, never a token)."""
+    return jnp.any(tokens[..., None] == stop_ids, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "spec"))
-def prefill(target_def, target_state, draft_def, draft_state, prompts, prompt_lens, limits, keys, *,
-            spec: LoopSpec) -> DecodeState:
+def prefill(target_def, target_state, draft_def, draft_state, prompts, prompt_lens, limits, keys, stop_ids,
+            thresholds, *, spec: LoopSpec) -> DecodeState:
     """Target over the padded prompts, first token from the last prompt position (spec §6.2).
 
-    prompts: i32[batch, bucket] right-padded; prompt_lens, limits: i32[batch]; keys: per-row keys [batch].
+    prompts: i32[batch, bucket] right-padded; prompt_lens, limits: i32[batch]; keys: per-row keys [batch];
+    stop_ids: i32[stop_slots] padded with -1; thresholds: f32[batch] verify-policy thresholds.
     """
     target = nnx.merge(target_def, target_state)
     bsz, bucket = prompts.shape
@@ -101,8 +101,9 @@ def prefill(target_def, target_state, draft_def, draft_state, prompts, prompt_le
         pending = jnp.zeros((bsz, spec.width, taps.shape[-1]), taps.dtype)
         num_pending = jnp.zeros((bsz,), jnp.int32)
     zeros = jnp.zeros((bsz, spec.max_rounds), jnp.int32)
-    return DecodeState(tokens=tokens, lengths=prompt_lens + 1, limits=limits,
-                       done=_is_stop(first, spec) | (prompt_lens >= limits), keys=keys, target_cache=cache,
+    return DecodeState(tokens=tokens, lengths=prompt_lens + 1, limits=limits, stop_ids=stop_ids,
+                       thresholds=thresholds, done=_is_stop(first, stop_ids) | (prompt_lens >= limits), keys=keys,
+                       target_cache=cache,
                        draft_cache=draft_cache, pending=pending, num_pending=num_pending,
                        rounds=jnp.zeros((bsz,), jnp.int32), acceptance=zeros, proposals=zeros)
 
@@ -130,7 +131,7 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
         drafts = proposal.tokens
         # Never verify a draft whose committed position (or the extra token's) would leave the context window.
         room = jnp.maximum(spec.context_len - 2 - anchor_pos, 0)
-        num_proposed = jnp.minimum(num_to_verify(spec.policy, proposal.confidence_logits), room)
+        num_proposed = jnp.minimum(num_to_verify(proposal.confidence_logits, state.thresholds), room)
         block = jnp.concatenate([anchors[:, None], drafts], axis=1)
         logits, taps, target_cache = target_pass(target, state.target_cache, block, anchor_pos, spec.tap_layer_ids)
         accepted, next_token = accept(spec.sampling, drafts, proposal.probs, num_proposed, logits,
@@ -139,9 +140,10 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
     has_stop = jnp.zeros((bsz,), bool)
     if spec.block_size:
         slot = jnp.arange(spec.block_size, dtype=jnp.int32)[None, :]
-        stop_in_drafts = _is_stop(drafts, spec) & (slot < accepted[:, None])
+        stop_in_drafts = _is_stop(drafts, state.stop_ids) & (slot < accepted[:, None])
         has_stop = jnp.any(stop_in_drafts, axis=1)
         accepted = jnp.where(has_stop, jnp.argmax(stop_in_drafts, axis=1).astype(jnp.int32) + 1, accepted)
+        num_proposed = jnp.where(has_stop, accepted, num_proposed)  # the terminal round's effective proposal
     extra = ~has_stop
     committed = accepted + extra.astype(jnp.int32)
     window = jnp.arange(spec.width, dtype=jnp.int32)[None, :]
@@ -151,7 +153,7 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
     written = jax.vmap(lambda row, v, s: jax.lax.dynamic_update_slice_in_dim(row, v, s, 0))(
         state.tokens, values, state.lengths)
     new_lengths = state.lengths + committed
-    finished = has_stop | (extra & _is_stop(next_token, spec)) | (new_lengths - 1 >= state.limits)
+    finished = has_stop | (extra & _is_stop(next_token, state.stop_ids)) | (new_lengths - 1 >= state.limits)
 
     def keep(new, old):
         mask = live.reshape(live.shape + (1,) * (new.ndim - 1))
@@ -165,6 +167,8 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
         tokens=keep(written, state.tokens),
         lengths=keep(new_lengths, state.lengths),
         limits=state.limits,
+        stop_ids=state.stop_ids,
+        thresholds=state.thresholds,
         done=state.done | (live & finished),
         keys=keys,
         target_cache=target_cache,
@@ -239,13 +243,23 @@ def generate(target, draft=None, prompts=None, max_new_tokens: int = 256, temper
     elif policy.kind != "full":
         raise UsageError(f"verify {verify!r} needs a draft; plain decoding accepts only 'full'")
     stops = tuple(target.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, (int, np.integer))
+           or not 0 <= t < config.vocab_size]
+    if bad:
+        raise UsageError(f"stop_token_ids must be token ids in [0, {config.vocab_size}), got {bad[0]!r}")
+    stops = tuple(int(t) for t in stops)
     block = 0 if draft is None else draft.config.block_size
     bucket = _bucket(max(len(p) for p in prompts))
     lens = np.array([len(p) for p in prompts], np.int32)
     limits = np.minimum(lens + max_new_tokens, context_len - 1).astype(np.int32)
-    cache_len = -(-(max(bucket, int(limits.max())) + block + 2) // 64) * 64
-    spec = LoopSpec(sampling, policy, stops, () if draft is None else draft.config.target_layer_ids, block,
-                    context_len, cache_len, max_new_tokens + 1)
+    # From the bucket, not the actual lengths: prompts in one bucket must share one compiled loop.
+    cache_len = -(-(max(bucket, min(bucket + max_new_tokens, context_len - 1)) + block + 2) // 64) * 64
+    spec = LoopSpec(sampling, () if draft is None else draft.config.target_layer_ids, block, context_len, cache_len,
+                    max_new_tokens + 1)
+    stop_slots = STOP_SLOTS * max(1, -(-len(stops) // STOP_SLOTS))
+    stop_ids = np.full((stop_slots,), -1, np.int32)
+    stop_ids[:len(stops)] = stops
+    thresholds = np.full((len(prompts),), policy_threshold(policy), np.float32)
     padded = np.zeros((len(prompts), bucket), np.int32)
     for i, p in enumerate(prompts):
         padded[i, :len(p)] = p
@@ -255,7 +269,7 @@ def generate(target, draft=None, prompts=None, max_new_tokens: int = 256, temper
         draft_def, draft_state = draft.graphdef, draft.state
     start = time.perf_counter()
     state = prefill(target.graphdef, target.state, draft_def, draft_state, jnp.asarray(padded), jnp.asarray(lens),
-                    jnp.asarray(limits), keys, spec=spec)
+                    jnp.asarray(limits), keys, jnp.asarray(stop_ids), jnp.asarray(thresholds), spec=spec)
     state = decode_loop(target.graphdef, target.state, draft_def, draft_state, state, spec=spec)
     tokens, lengths, rounds, acc, props = jax.device_get(
         (state.tokens, state.lengths, state.rounds, state.acceptance, state.proposals))

@@ -11,6 +11,7 @@ from flax import nnx
 
 from dspark_jax.cache import KVCache
 from dspark_jax.configs import SamplingConfig
+from dspark_jax.errors import UsageError
 from dspark_jax.models.draft import Draft
 from dspark_jax.sampling import draw, probabilities
 
@@ -101,11 +102,23 @@ def propose_from_features(handle, taps, anchor, *, temperature=0.0, top_p=1.0, t
     taps = jnp.asarray(taps, jnp.float32)
     anchor = jnp.asarray(anchor, jnp.int32)
     if taps.ndim == 2:
-        taps, anchor = taps[None], anchor.reshape(1)
+        taps = taps[None]
+    if anchor.ndim == 0:
+        anchor = anchor.reshape(1)
+    width = handle.config.num_taps * handle.config.model.hidden_size
+    if taps.ndim != 3 or taps.shape[2] != width or anchor.shape != taps.shape[:1]:
+        raise UsageError(f"propose needs taps [batch, t, {width}] and anchor [batch], got taps {list(taps.shape)} "
+                         f"and anchor {list(anchor.shape)}")
+    if cache is not None and cache.lengths.shape != anchor.shape:
+        raise UsageError(f"cache holds {cache.lengths.shape[0]} row(s) but {anchor.shape[0]} anchor(s) were given")
     start = jnp.zeros(anchor.shape, jnp.int32) if cache is None else cache.lengths
     if anchor_position is None:
         anchor_position = start + taps.shape[1]
     anchor_position = jnp.broadcast_to(jnp.asarray(anchor_position, jnp.int32), anchor.shape)
+    if cache is not None and int(jnp.max(start)) + taps.shape[1] > cache.cache_len:
+        # push_context writes with dynamic_update_slice, which would clamp (shift) an overflowing write.
+        raise UsageError(f"cache holds {cache.cache_len} positions but {taps.shape[1]} rows after "
+                         f"{int(jnp.max(start))} need {int(jnp.max(start)) + taps.shape[1]}")
     sampling = SamplingConfig(temperature, top_p, top_k)
     keys = None
     if not sampling.greedy:

@@ -17,6 +17,8 @@ class DecodeState:
     tokens: i32[batch, buf_len] prompt then committed tokens; lengths: i32[batch] committed tokens, so the anchor
       (newest committed token, not yet consumed by the target) sits at lengths - 1;
     limits: i32[batch] the anchor position at which a row stops (prompt length + max_new_tokens, capped by the cache);
+    stop_ids: i32[stop_slots] stop tokens padded with -1 (data, not part of the compiled loop's key);
+    thresholds: f32[batch] per-row confidence threshold of the verify policy (0 = verify the full block);
     done: bool[batch]; keys: per-row PRNG keys [batch];
     target_cache: holds positions [0, anchor) of each row;
     draft_cache / pending / num_pending: the draft's context K/V for positions [0, Q) and the raw target features
@@ -28,6 +30,8 @@ class DecodeState:
     tokens: jax.Array
     lengths: jax.Array
     limits: jax.Array
+    stop_ids: jax.Array
+    thresholds: jax.Array
     done: jax.Array
     keys: jax.Array
     target_cache: KVCache

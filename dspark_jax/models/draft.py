@@ -15,8 +15,14 @@ from dspark_jax.configs import DraftConfig
 from dspark_jax.layers.attention import attend
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import Frozen, declare
+from dspark_jax.models.gemma4 import Gemma4DecoderLayer, Gemma4RMSNorm, embed_scale, soft_cap
 from dspark_jax.models.heads import ConfidenceHead, MarkovHead
 from dspark_jax.models.qwen3 import DecoderLayer
+
+
+def decoder_layer(config: DraftConfig, rngs: nnx.Rngs | None) -> nnx.Module:
+    """The draft layer of the target's family: Qwen3 (spec §4.4) or Gemma4 (spec §4.5)."""
+    return DecoderLayer(config.model, rngs=rngs) if config.gemma4 is None else Gemma4DecoderLayer(config, rngs=rngs)
 
 
 class Draft(nnx.Module):
@@ -31,9 +37,10 @@ class Draft(nnx.Module):
         self.embed_tokens = declare(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype,
                                     kind=Frozen)
         self.fc = declare(rngs, (config.num_taps * c.hidden_size, c.hidden_size), ("taps", "embed"), c.param_dtype)
-        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
-        self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        norm = RMSNorm if config.gemma4 is None else Gemma4RMSNorm  # Gemma4 scales in f32 before the cast (§4.5)
+        self.hidden_norm = norm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.layers = nnx.List([decoder_layer(config, rngs) for _ in range(c.num_hidden_layers)])
+        self.norm = norm(c.hidden_size, c.rms_norm_eps, **kw)
         self.lm_head = declare(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype, kind=Frozen)
         if config.use_markov:
             self.markov_head = MarkovHead(c.vocab_size, c.hidden_size, config.markov_rank, config.markov_head_type,
@@ -85,9 +92,15 @@ class Draft(nnx.Module):
         final norm.
         """
         c = self.config.model
-        z = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(c.dtype)
+        z = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        if self.config.gemma4 is not None:  # x sqrt(hidden), in the table's dtype like the target (spec §4.2)
+            z = z * embed_scale(c.hidden_size, c.param_dtype)
+        z = z.astype(c.dtype)
         scale = c.head_dim ** -0.5
         for layer, (ctx_k, ctx_v) in zip(self.layers, context_kv):
+            if self.config.gemma4 is not None:
+                z = layer.draft_step(z, positions, ctx_k, ctx_v, mask)
+                continue
             attn = layer.self_attn
             zn = layer.input_layernorm(z)
             q = attn.queries(zn, positions)
@@ -115,8 +128,9 @@ class Draft(nnx.Module):
     def base_logits(self, hidden: jax.Array) -> jax.Array:
         """u_j = W_lm h_j (spec §4.6): [..., hidden] -> f32[..., vocab]."""
         dtype = self.config.model.dtype
-        return jnp.einsum("...d,dv->...v", hidden.astype(dtype), self.lm_head[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,dv->...v", hidden.astype(dtype), self.lm_head[...].astype(dtype),
+                            preferred_element_type=jnp.float32)
+        return logits if self.config.gemma4 is None else soft_cap(logits, self.config.gemma4.final_logit_softcapping)
 
     # ------------------------------------------------------------------------------------------- heads (§4.7-4.8)
 

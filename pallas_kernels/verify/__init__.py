@@ -44,7 +44,8 @@ def verify(
       uniforms: f32[batch, nodes] -- U(0,1) per node for the acceptance test.
       residual_uniforms: f32[batch] -- U(0,1) per row for the extra token.
       impl: "auto" (Pallas kernel on GPU/TPU, reference on CPU), "pallas", or "reference".
-      interpret: run the Pallas kernel in interpret mode (required for impl="pallas" on CPU).
+      interpret: run the Pallas kernel in interpret mode (required for impl="pallas" on CPU); True uses the
+        generic interpreter, a backend params object (e.g. `pltpu.InterpretParams()`) is passed through.
       block_v: vocab tile override for the kernel (default: `tuning.py` by platform and vocab).
       platform: kernel variant, "gpu" (Triton) or "tpu" (Mosaic); default: the backend jax runs on, and the
         Triton variant when that is CPU (interpret mode).
@@ -60,9 +61,9 @@ def verify(
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     args = (draft_tokens, parents, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms)
     here = _common.platform()
-    if impl == "reference" or (impl == "auto" and here not in (_common.GPU, _common.TPU)):
+    if impl == "reference" or (impl == "auto" and not _common.has_accelerator()):
         return verify_reference(*args)
-    if not interpret and here not in (_common.GPU, _common.TPU):
+    if not interpret and not _common.has_accelerator():
         raise ValueError(f"impl='pallas' needs a GPU or TPU backend (jax runs on {here}); pass interpret=True")
     variant = _common.platform(platform) if platform is not None else here
     vocab = target_probs.shape[-1]

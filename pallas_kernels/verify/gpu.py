@@ -13,8 +13,8 @@ The pallas_call is pinned to the Triton lowering with `pltriton.CompilerParams` 
 GPU pallas_calls through Mosaic GPU, which has no lowering for parts of this body).
 
 Memory traffic per row, V = vocab: every rejection streams (m + 2) * V floats (m = siblings rejected before it
-at the same node), the final draw 2-3 passes of (m' + 1) * V. Work is sequential within a row, so small batches
-use few SMs.
+at the same node); the final draw streams (m' + 1) * V twice at most (the second pass stops at the crossing
+tile). Work is sequential within a row, so small batches use few SMs.
 """
 
 from __future__ import annotations

@@ -136,6 +136,7 @@ def verify_reference(
         jnp.zeros((batch,), jnp.int32),
         jnp.full((batch, nodes), -1, jnp.int32),
     )
-    _, dist, alen, path = jax.lax.fori_loop(0, nodes, step, init)
+    # (No loop at all for nodes == 0: the body cannot even be traced on size-0 node axes.)
+    _, dist, alen, path = jax.lax.fori_loop(0, nodes, step, init) if nodes else init
     next_token = inverse_cdf(dist, residual_uniforms.astype(jnp.float32))
     return VerifyResult(alen, path, next_token)

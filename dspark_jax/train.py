@@ -1,0 +1,227 @@
+"""CLI: python -m dspark_jax.train — train a DSpark / DFlash draft against a frozen Qwen3 target (spec §9), or the
+target itself on next-token CE; one flag per TrainConfig field. The trained model is exported next to the run's
+checkpoints and metrics (DeepSpec layout for drafts, HF Qwen3 layout for targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+from dspark_jax.cli_util import OneLineArgumentParser
+from dspark_jax.errors import DSparkError, UsageError
+from dspark_jax.training.config import MODES, TrainConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers CE,L1,confidence, got {text!r}") from None
+
+
+def build_parser() -> OneLineArgumentParser:
+    d = TrainConfig.__dataclass_fields__
+    p = OneLineArgumentParser(prog="python -m dspark_jax.train", description=__doc__.splitlines()[0])
+    p.add_argument("--mode", required=True, choices=MODES, help="draft: train a draft; target: train the target")
+    p.add_argument("--target", required=True, help="target folder or hub id (the frozen teacher, or the model "
+                                                   "trained in mode target)")
+    p.add_argument("--data", required=True, help="a .jsonl of {'input_ids': [...], 'loss_mask': [...]} or a folder "
+                                                 "of .txt files")
+    p.add_argument("--output-dir", required=True, help="run folder: checkpoints/, metrics.jsonl, exported model")
+    p.add_argument("--draft", help="draft folder to continue training (mode draft)")
+    p.add_argument("--draft-config", help="JSON of DSpark fields (block_size, target_layer_ids, mask_token_id, "
+                                          "markov_rank, ...) over the target's config, for a fresh draft")
+    p.add_argument("--tokenizer", help="tokenizer.json for text data (default: the target folder's)")
+    for name, kind, help_ in (
+            ("seq_len", int, "static sequence length (longer sequences are truncated / windowed)"),
+            ("min_supervised", int, "drop sequences with fewer supervised tokens (spec §9.1)"),
+            ("batch_size", int, "sequences per micro-step over all devices (a multiple of the data axis)"),
+            ("grad_accum", int, "micro-steps per update"),
+            ("epochs", int, "epochs (ignored with --max-steps)"),
+            ("max_steps", int, "total updates (0: epochs x floor(sequences / global batch))"),
+            ("stop_at_step", int, "checkpoint and stop after this update (0: run to the end)"),
+            ("lr", float, "peak learning rate"),
+            ("warmup_fraction", float, "linear warmup updates as a fraction of all updates"),
+            ("weight_decay", float, "AdamW weight decay"),
+            ("adam_b1", float, "AdamW beta1"),
+            ("adam_b2", float, "AdamW beta2"),
+            ("adam_eps", float, "AdamW epsilon"),
+            ("grad_clip", float, "global gradient-norm clip"),
+            ("num_anchors", int, "anchors per sequence (0: the draft config's num_anchors)"),
+            ("loss_decay_gamma", float, "slot weight exp(-j / gamma)"),
+            ("seed", int, "base PRNG seed (init, anchors, data order)"),
+            ("checkpoint_every", int, "updates between checkpoints"),
+            ("log_every", int, "updates between metrics.jsonl records")):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name].default, help=help_)
+    p.add_argument("--loss-weights", type=_floats, default=None, help="CE,L1,confidence (default: 0.1,0.9,1.0 for "
+                                                                      "DSpark, 1,0,0 for DFlash)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on accelerators); master weights are f32")
+    p.add_argument("--mesh", default=d["mesh"].default, help="mesh axis sizes, e.g. data=4")
+    p.add_argument("--feature-cache", help="folder caching the target's features per sequence (mode draft)")
+    p.add_argument("--export-dtype", choices=("float32", "bfloat16"), default=d["export_dtype"].default)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def parse_config(argv: list[str] | None) -> TrainConfig:
+    """Flags -> TrainConfig (argparse errors exit 2 with one line; bad values raise UsageError)."""
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
+
+
+# --------------------------------------------------------------------------------------------------------- setup
+
+
+def _training_model_config(config, compute: str):
+    """`config` computing in `compute` with f32 master weights (spec §9.5)."""
+    model = config.model if hasattr(config, "model") else config
+    model = dataclasses.replace(model, dtype=compute, param_dtype="float32")
+    return dataclasses.replace(config, model=model) if hasattr(config, "model") else model
+
+
+def _draft_config_from_json(path: str, target) -> "DraftConfig":  # noqa: F821
+    from dspark_jax.configs import DraftConfig, read_config_json
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--draft-config {path!r} does not exist")
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--draft-config {path} is not valid JSON ({e.msg})") from None
+    if not isinstance(fields, dict):
+        raise UsageError(f"--draft-config {path} must hold a JSON object")
+    merged = {**read_config_json(target.path), "num_hidden_layers": 5, **fields,
+              "num_target_layers": target.config.num_hidden_layers, "architectures": ["Qwen3DSparkModel"]}
+    config = DraftConfig.from_hf_dict(merged, path)
+    config.check_target(target.config)
+    return config
+
+
+def build_job(cfg: TrainConfig, compute: str, mesh):
+    """Load the models named by `cfg` and split them for training: (TrainJob, model config for export, target)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dspark_jax import loading
+    from dspark_jax.models import Draft, Qwen3
+    from dspark_jax.training.losses import DFLASH_LOSS_WEIGHTS, DSPARK_LOSS_WEIGHTS
+    from dspark_jax.training.loop import TrainJob
+    from dspark_jax.training.step import split_trainable
+
+    f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
+    if cfg.mode == "target":
+        target = loading.load_target(cfg.target, dtype="float32")
+        config = _training_model_config(target.config, compute)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
+        gd, params, frozen = split_trainable(nnx.merge(graphdef, target.state))
+        return TrainJob("target", gd, params, frozen), config, target
+    # f32 first: a continued draft is loaded in the target's param dtype and must keep full-precision masters.
+    target = loading.load_target(cfg.target, dtype="float32")
+    if cfg.draft is not None:
+        handle = loading.load_draft(cfg.draft, target)
+        config = _training_model_config(handle.config, compute)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Draft(config, rngs=nnx.Rngs(0))))
+        model = nnx.merge(graphdef, f32(handle.state))
+    else:
+        config = _training_model_config(_draft_config_from_json(cfg.draft_config, target), compute)
+        model = Draft(config, rngs=nnx.Rngs(cfg.seed))  # reference init: N(0, 0.02^2), norms 1, biases 0
+        t = target.state
+        lm_head = t["embed_tokens"][...].T if target.config.tie_word_embeddings else t["lm_head"][...]
+        model.embed_tokens[...] = jnp.asarray(t["embed_tokens"][...], jnp.float32)  # frozen copies (spec §5.3)
+        model.lm_head[...] = jnp.asarray(lm_head, jnp.float32)
+    gd, params, frozen = split_trainable(model)
+    is_dspark = config.use_markov or config.enable_confidence_head
+    weights = cfg.loss_weights or (DSPARK_LOSS_WEIGHTS if is_dspark else DFLASH_LOSS_WEIGHTS)
+    teacher_graphdef, teacher_state = target.graphdef, target.state
+    if compute != "float32":  # the frozen teacher only runs forward: keep it in the compute dtype
+        teacher_config = target.config.with_dtype(compute)
+        teacher_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen3(teacher_config, rngs=nnx.Rngs(0))))
+        teacher_state = jax.tree.map(lambda x: x.astype(compute), target.state)
+    job = TrainJob("draft", gd, params, frozen, teacher_graphdef, teacher_state, tuple(config.target_layer_ids),
+                   cfg.num_anchors or config.num_anchors, tuple(weights))
+    return job, config, target
+
+
+def _export(cfg: TrainConfig, config, state, target) -> None:
+    """Write the trained model into output_dir itself (config.json last, so a folder with one is complete)."""
+    from conversion.export import export_draft, export_target
+
+    tmp = os.path.join(cfg.output_dir, ".export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.mode == "draft":
+        export_draft(tmp, config, state, cfg.export_dtype)
+    else:
+        extras = tuple(os.path.join(target.path, f) for f in TOKENIZER_FILES
+                       if os.path.isfile(os.path.join(target.path, f)))
+        export_target(tmp, config, state, cfg.export_dtype, extras)
+    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+    for name in names:
+        os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
+    os.rmdir(tmp)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Validate, load, train, export. Returns a summary dict (last metrics, steps, output folder)."""
+    import jax
+    from flax import nnx
+
+    from dspark_jax.sharding import make_mesh
+    from dspark_jax.training import loop
+    from dspark_jax.training.data import load_corpus
+
+    mesh = make_mesh(cfg.mesh)
+    if cfg.batch_size % mesh.shape["data"]:
+        raise UsageError(f"batch_size ({cfg.batch_size}) must be a multiple of the mesh's data axis "
+                         f"({mesh.shape['data']})")
+    if not cfg.resume and loop.latest_checkpoint(cfg.output_dir) is not None:
+        raise UsageError(f"--output-dir {cfg.output_dir!r} already holds a run; pass --resume or choose another folder")
+    compute = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    job, config, target = build_job(cfg, compute, mesh)
+    tokenizer = cfg.tokenizer or os.path.join(target.path, "tokenizer.json")
+    corpus = load_corpus(cfg.data, cfg.seq_len, tokenizer_path=tokenizer, min_supervised=cfg.min_supervised,
+                         vocab_size=target.config.vocab_size)
+    loop.total_steps(cfg, len(corpus))  # fail before anything is written
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
+        json.dump({**cfg.to_json_dict(), "compute_dtype": compute, "num_sequences": len(corpus)}, f, indent=2)
+    result = loop.fit(job, corpus, cfg, mesh=mesh)
+    finished = int(result.state.step) == result.total_steps
+    if finished:
+        _export(cfg, config, nnx.state(result.model()), target)
+    last = result.history[-1] if result.history else {}
+    return {"steps": int(result.state.step), "total_steps": result.total_steps, "finished": finished,
+            "output_dir": cfg.output_dir, "last": last}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, one `error:` line already printed)
+        return int(e.code or 0)
+    except DSparkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        out = run(cfg)
+    except DSparkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last = out["last"]
+    state = "done" if out["finished"] else "stopped (continue with --resume)"
+    print(f"{state}: {out['steps']}/{out['total_steps']} updates, loss {last.get('loss', float('nan')):.4f} -> "
+          f"{out['output_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
