@@ -32,8 +32,9 @@ def _show(path: tuple) -> str:
     return ".".join(map(str, path))
 
 
-def plan(reader, keymap, abstract_state: nnx.State, *, source: str, skip: tuple[str, ...] = (),
-         bound: tuple[tuple, ...] = ()) -> dict:
+def plan(
+    reader, keymap, abstract_state: nnx.State, *, source: str, skip: tuple[str, ...] = (), bound: tuple[tuple, ...] = ()
+) -> dict:
     """Match every source key to a tree path and check shapes/dtypes; one DSparkError lists every problem.
 
     Returns {tree path: (source key, transform name)}. Paths in `bound` are supplied by the caller (frozen copies
@@ -66,16 +67,27 @@ def plan(reader, keymap, abstract_state: nnx.State, *, source: str, skip: tuple[
     if unknown:
         problems.append(f"{len(unknown)} unknown key(s): {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
     if missing:
-        problems.append(f"{len(missing)} missing param(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        problems.append(
+            f"{len(missing)} missing param(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
     problems += [f"duplicate: {d}" for d in duplicate] + bad
     if problems:
         raise DSparkError(f"checkpoint {source!r} does not match the model: " + "; ".join(problems))
     return found
 
 
-def convert_state(reader, keymap, abstract_state: nnx.State, *, source: str, mesh=None,
-                  rules: ShardingRules = ShardingRules(), skip: tuple[str, ...] = (), bound: dict | None = None,
-                  progress: bool = True) -> nnx.State:
+def convert_state(
+    reader,
+    keymap,
+    abstract_state: nnx.State,
+    *,
+    source: str,
+    mesh=None,
+    rules: ShardingRules = ShardingRules(),
+    skip: tuple[str, ...] = (),
+    bound: dict | None = None,
+    progress: bool = True,
+) -> nnx.State:
     """Fill `abstract_state` (from nnx.eval_shape + split) with the checkpoint's tensors.
 
     Each tensor is read, transformed, cast to the param dtype and placed into its NamedSharding on `mesh` (or the
@@ -89,16 +101,17 @@ def convert_state(reader, keymap, abstract_state: nnx.State, *, source: str, mes
     flat = {path: var for path, var in abstract_state.flat_state()}
     filled = {}
     total = sum(reader.spec(key).nbytes for key, _ in found.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress or None,
-              leave=False) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress or None, leave=False) as bar:
         for path, (key, fn) in found.items():
             var = flat[path]
             shape, dtype = tuple(var.get_value().shape), var.get_value().dtype
             array = TRANSFORMS[fn].apply(reader.read(key), shape).astype(dtype)
             if path in bound:
                 if not np.array_equal(np.asarray(bound[path]).astype(dtype), array):
-                    raise DSparkError(f"checkpoint {source!r}: {key} differs from the target's copy; the draft was "
-                                      "trained against another target")
+                    raise DSparkError(
+                        f"checkpoint {source!r}: {key} differs from the target's copy; the draft was "
+                        "trained against another target"
+                    )
                 bar.update(reader.spec(key).nbytes)
                 continue
             filled[path] = var.replace(_place(array, _show(path), var, mesh, rules))
@@ -120,8 +133,10 @@ def _place(array: np.ndarray, name: str, var, mesh, rules) -> jax.Array:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="python -m conversion.convert",
-                                description="Convert a safetensors checkpoint (folder or hub id) to an orbax one.")
+    p = OneLineArgumentParser(
+        prog="python -m conversion.convert",
+        description="Convert a safetensors checkpoint (folder or hub id) to an orbax one.",
+    )
     p.add_argument("--src", required=True, help="HF-style folder or Hugging Face repo id")
     p.add_argument("--dst", required=True, help="output folder (written atomically)")
     p.add_argument("--kind", default="auto", choices=("auto", "qwen3", "dspark", "dflash", "deepseek_v4"))

@@ -112,8 +112,9 @@ def export_draft(dst: str, config: DraftConfig, state: nnx.State, dtype: str = "
     _write(dst, export_tensors(state, KEYMAPS[kind], dtype), d, ())
 
 
-def export_target(dst: str, config: Qwen3Config, state: nnx.State, dtype: str = "bfloat16",
-                  extra_files: tuple[str, ...] = ()) -> None:
+def export_target(
+    dst: str, config: Qwen3Config, state: nnx.State, dtype: str = "bfloat16", extra_files: tuple[str, ...] = ()
+) -> None:
     """A Qwen3 state -> HF folder loadable by transformers.Qwen3ForCausalLM (and dj.load_target); `extra_files`
     (tokenizer, generation config) are copied alongside. Written atomically."""
     d = config.to_hf_dict()

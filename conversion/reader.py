@@ -131,17 +131,26 @@ def read_header(path: str) -> tuple[dict[str, TensorSpec], dict[str, str]]:
             raise DSparkError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}; accepted: {_ACCEPTED}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise _corrupt(path, f"tensor {name!r} shape {shape!r} is not a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
             raise _corrupt(path, f"tensor {name!r} data_offsets {offsets!r} are not [begin, end], 0 <= begin <= end")
         dtype = DTYPES[dtype_name]
         nbytes = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise _corrupt(path, f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes but shape {shape} of "
-                                 f"{dtype_name} needs {nbytes}")
+            raise _corrupt(
+                path,
+                f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes but shape {shape} of "
+                f"{dtype_name} needs {nbytes}",
+            )
         if data_start + offsets[1] > file_size:
-            raise DSparkError(f"{path}: file is truncated: tensor {name!r} ends at byte {data_start + offsets[1]} "
-                              f"but the file has {file_size} bytes; re-download or re-save it")
+            raise DSparkError(
+                f"{path}: file is truncated: tensor {name!r} ends at byte {data_start + offsets[1]} "
+                f"but the file has {file_size} bytes; re-download or re-save it"
+            )
         specs[name] = TensorSpec(name, tuple(shape), dtype, base, data_start + offsets[0], nbytes)
 
     # Overlapping regions mean two tensors would alias the same bytes: never produced by a sane writer.
@@ -191,8 +200,9 @@ class SafetensorsReader:
         try:
             return self._specs[key]
         except KeyError:
-            raise UsageError(f"{self.folder}: no tensor named {key!r}; the checkpoint holds {len(self._specs)} "
-                             f"tensors, see .keys()") from None
+            raise UsageError(
+                f"{self.folder}: no tensor named {key!r}; the checkpoint holds {len(self._specs)} tensors, see .keys()"
+            ) from None
 
     def read(self, key: str) -> np.ndarray:
         """One tensor as a fresh C-contiguous array of shape `spec(key).shape`, read with a single seek."""
@@ -209,9 +219,11 @@ class SafetensorsReader:
             while got < spec.nbytes:
                 n = handle.readinto(view[got:])
                 if not n:
-                    raise DSparkError(f"{os.path.join(self.folder, spec.file)}: file is truncated: tensor "
-                                      f"{key!r} needs bytes up to {spec.offset + spec.nbytes} but the read stopped "
-                                      f"at {spec.offset + got}; was the file changed after opening?")
+                    raise DSparkError(
+                        f"{os.path.join(self.folder, spec.file)}: file is truncated: tensor "
+                        f"{key!r} needs bytes up to {spec.offset + spec.nbytes} but the read stopped "
+                        f"at {spec.offset + got}; was the file changed after opening?"
+                    )
                 got += n
         return out
 
@@ -242,11 +254,10 @@ def _open_sharded(folder: str) -> SafetensorsReader:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise DSparkError(f"{index_path}: not valid JSON ({exc}); expected {{\"weight_map\": {{key: file}}}}") from None
+        raise DSparkError(f'{index_path}: not valid JSON ({exc}); expected {{"weight_map": {{key: file}}}}') from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise DSparkError(f"{index_path}: missing or malformed \"weight_map\"; "
-                          f"expected {{\"weight_map\": {{key: file}}}}")
+        raise DSparkError(f'{index_path}: missing or malformed "weight_map"; expected {{"weight_map": {{key: file}}}}')
 
     specs: dict[str, TensorSpec] = {}
     metadata: dict[str, str] = {}
@@ -256,13 +267,17 @@ def _open_sharded(folder: str) -> SafetensorsReader:
             raise DSparkError(f"{index_path}: shard name {shard!r} is not a plain file name in the folder")
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
-            raise DSparkError(f"{index_path}: references shard {shard!r}, which is missing from {folder}; "
-                              f"download every shard the index lists")
+            raise DSparkError(
+                f"{index_path}: references shard {shard!r}, which is missing from {folder}; "
+                f"download every shard the index lists"
+            )
         shard_specs, shard_meta = read_header(shard_path)
         for key, spec in shard_specs.items():
             if key in specs:
-                raise DSparkError(f"{folder}: tensor {key!r} appears in two shards, {specs[key].file!r} and "
-                                  f"{shard!r}; each key must live in exactly one shard")
+                raise DSparkError(
+                    f"{folder}: tensor {key!r} appears in two shards, {specs[key].file!r} and "
+                    f"{shard!r}; each key must live in exactly one shard"
+                )
             specs[key] = spec
         for k, v in shard_meta.items():
             metadata.setdefault(k, v)
@@ -283,8 +298,9 @@ def open_checkpoint(path: str) -> SafetensorsReader:
     if not os.path.exists(path):
         raise UsageError(f"checkpoint folder {path} does not exist; pass a folder holding *.safetensors files")
     if not os.path.isdir(path):
-        raise UsageError(f"checkpoint path {path} is not a directory; pass the folder that holds the *.safetensors "
-                         f"files, not a file")
+        raise UsageError(
+            f"checkpoint path {path} is not a directory; pass the folder that holds the *.safetensors files, not a file"
+        )
     if os.path.isfile(os.path.join(path, INDEX_NAME)):
         return _open_sharded(path)
 
@@ -293,17 +309,21 @@ def open_checkpoint(path: str) -> SafetensorsReader:
     if not st_files:
         pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
         if pickles:
-            raise UsageError(f"{path} holds only pickle checkpoints ({', '.join(pickles[:3])}); pickle checkpoints "
-                             f"are never loaded because unpickling runs arbitrary code; convert them to "
-                             f"safetensors first")
+            raise UsageError(
+                f"{path} holds only pickle checkpoints ({', '.join(pickles[:3])}); pickle checkpoints "
+                f"are never loaded because unpickling runs arbitrary code; convert them to "
+                f"safetensors first"
+            )
         raise UsageError(f"{path} holds no *.safetensors file; expected model.safetensors or {INDEX_NAME} + shards")
     if "model.safetensors" in st_files:
         chosen = "model.safetensors"
     elif len(st_files) == 1:
         chosen = st_files[0]
     else:
-        raise UsageError(f"{path} holds {len(st_files)} *.safetensors files ({', '.join(st_files[:3])}, ...) but no "
-                         f"{INDEX_NAME}; add the index or keep a single model.safetensors")
+        raise UsageError(
+            f"{path} holds {len(st_files)} *.safetensors files ({', '.join(st_files[:3])}, ...) but no "
+            f"{INDEX_NAME}; add the index or keep a single model.safetensors"
+        )
     specs, metadata = read_header(os.path.join(path, chosen))
     return SafetensorsReader(path, specs, metadata)
 
@@ -340,8 +360,11 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Map
     header: dict[str, Any] = {"__metadata__": meta} if meta else {}
     offset = 0
     for name, arr in arrays.items():
-        header[name] = {"dtype": safetensors_dtype_name(arr.dtype), "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": safetensors_dtype_name(arr.dtype),
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)

@@ -31,5 +31,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'dspark_jax' has no attribute {name!r}")
 
 
-__all__ = ["DraftConfig", "Qwen3Config", "SamplingConfig", "VerifyPolicy", "DSparkError", "UsageError",
-           *_LAZY]
+__all__ = ["DraftConfig", "Qwen3Config", "SamplingConfig", "VerifyPolicy", "DSparkError", "UsageError", *_LAZY]

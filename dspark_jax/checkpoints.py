@@ -69,8 +69,9 @@ def restore_state(src: str, abstract_state: nnx.State, shardings=None) -> nnx.St
 
     pure = abstract_state.to_pure_dict()
     if shardings is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure,
-                              shardings.to_pure_dict())
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, shardings.to_pure_dict()
+        )
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), pure)

@@ -1,4 +1,4 @@
-"""Frozen, hashable configs (target, draft, decoding) built from HF `config.json` dicts and validated on construction."""
+"""Frozen, hashable configs (target, draft, decoding) built from HF `config.json` dicts, validated on creation."""
 
 from __future__ import annotations
 
@@ -69,13 +69,22 @@ class Qwen3Config:
     param_dtype: str = "bfloat16"
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "head_dim", "intermediate_size", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             _positive(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise UsageError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
-                f"({self.num_key_value_heads})")
+                f"({self.num_key_value_heads})"
+            )
         if self.head_dim % 2:
             raise UsageError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if not (self.rope_theta > 0):
@@ -90,8 +99,9 @@ class Qwen3Config:
             kind = scaling.get("rope_type")
             # layers/rope.py implements only linear scaling; yarn / dynamic would load and run with wrong positions.
             if kind != "linear":
-                raise UsageError(f"rope scaling type must be 'linear' (yarn and dynamic are not implemented), "
-                                 f"got {kind!r}")
+                raise UsageError(
+                    f"rope scaling type must be 'linear' (yarn and dynamic are not implemented), got {kind!r}"
+                )
             factor = scaling.get("factor")
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
                 raise UsageError(f"linear rope scaling needs a factor > 0, got {factor!r}")
@@ -145,8 +155,10 @@ class Qwen3Config:
             raise UsageError(f"{source}: hidden_act must be 'silu', got {d.get('hidden_act')!r}")
         layer_types = d.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types) or (d.get("use_sliding_window") and not layer_types):
-            raise UsageError(f"{source}: sliding-window attention is not supported (accepted: use_sliding_window "
-                             f"false, every layer_types entry 'full_attention'), got layer_types={layer_types}")
+            raise UsageError(
+                f"{source}: sliding-window attention is not supported (accepted: use_sliding_window "
+                f"false, every layer_types entry 'full_attention'), got layer_types={layer_types}"
+            )
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -212,8 +224,9 @@ class Gemma4DraftGeometry:
             raise UsageError(f"rope factor must be > 0, got {self.rope_factor!r}")
 
     @staticmethod
-    def from_hf_dict(d: dict, source: str = "config.json",
-                     **model_overrides) -> "tuple[Qwen3Config, Gemma4DraftGeometry]":
+    def from_hf_dict(
+        d: dict, source: str = "config.json", **model_overrides
+    ) -> "tuple[Qwen3Config, Gemma4DraftGeometry]":
         """(inherited geometry, Gemma4 extras) from a Gemma4DSparkModel `config.json` (target text config + §5.1).
 
         The global head dim / KV heads come from `global_head_dim` / `num_global_key_value_heads` (hub layout) or
@@ -222,11 +235,15 @@ class Gemma4DraftGeometry:
         """
         for key, accepted in (("enable_moe_block", False), ("attention_bias", False)):
             if d.get(key, accepted) != accepted:
-                raise UsageError(f"{source}: {key}={d[key]!r} is not supported for a Gemma4 draft "
-                                 f"(accepted: {str(accepted).lower()})")
+                raise UsageError(
+                    f"{source}: {key}={d[key]!r} is not supported for a Gemma4 draft "
+                    f"(accepted: {str(accepted).lower()})"
+                )
         if d.get("hidden_size_per_layer_input"):
-            raise UsageError(f"{source}: per-layer input embeddings are not supported (spec §4.5): "
-                             f"hidden_size_per_layer_input must be 0 or null, got {d['hidden_size_per_layer_input']!r}")
+            raise UsageError(
+                f"{source}: per-layer input embeddings are not supported (spec §4.5): "
+                f"hidden_size_per_layer_input must be 0 or null, got {d['hidden_size_per_layer_input']!r}"
+            )
         k_eq_v = _require(d, "attention_k_eq_v", source)
         if not isinstance(k_eq_v, bool):
             raise UsageError(f"{source}: attention_k_eq_v must be true or false, got {k_eq_v!r}")
@@ -239,24 +256,31 @@ class Gemma4DraftGeometry:
         # transformers writes one identical override per full-attention layer of the target.
         overrides = {json.dumps(v, sort_keys=True) for v in per_layer.values()}
         if len(overrides) > 1:
-            raise UsageError(f"{source}: per_layer_config entries differ ({sorted(overrides)}); a Gemma4 draft "
-                             "needs one global head_dim / num_key_value_heads")
+            raise UsageError(
+                f"{source}: per_layer_config entries differ ({sorted(overrides)}); a Gemma4 draft "
+                "needs one global head_dim / num_key_value_heads"
+            )
         if overrides:
             entry = json.loads(overrides.pop())
-            for key, top, value in (("head_dim", "global_head_dim", head_dim),
-                                    ("num_key_value_heads", "num_global_key_value_heads", global_kv)):
+            for key, top, value in (
+                ("head_dim", "global_head_dim", head_dim),
+                ("num_key_value_heads", "num_global_key_value_heads", global_kv),
+            ):
                 if key in entry and value is not None and entry[key] != value:
                     raise UsageError(f"{source}: {top}={value} disagrees with per_layer_config {key}={entry[key]}")
             head_dim = entry.get("head_dim", head_dim)
             global_kv = entry.get("num_key_value_heads", global_kv)
         if head_dim is None:
-            raise UsageError(f"{source}: missing field 'global_head_dim' (nor a per_layer_config head_dim): the "
-                             "draft's head dim is the target's global head dim (spec §4.5)")
+            raise UsageError(
+                f"{source}: missing field 'global_head_dim' (nor a per_layer_config head_dim): the "
+                "draft's head dim is the target's global head dim (spec §4.5)"
+            )
         rope_all = _require(d, "rope_parameters", source)
         rope = rope_all.get("full_attention") if isinstance(rope_all, dict) else None
         if not isinstance(rope, dict):
-            raise UsageError(f"{source}: rope_parameters must hold a 'full_attention' object (spec §4.3), "
-                             f"got {rope_all!r}")
+            raise UsageError(
+                f"{source}: rope_parameters must hold a 'full_attention' object (spec §4.3), got {rope_all!r}"
+            )
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         proportional = rope_type == "proportional"
         cap = d.get("final_logit_softcapping")
@@ -267,7 +291,8 @@ class Gemma4DraftGeometry:
             rope_type=rope_type,
             # transformers defaults both to 1.0 for 'proportional' and ignores them for 'default'.
             partial_rotary_factor=_number(source, "partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-            if proportional else 1.0,
+            if proportional
+            else 1.0,
             rope_factor=_number(source, "factor", rope.get("factor", 1.0)) if proportional else 1.0,
         )
         tied = d.get("tie_word_embeddings", False)
@@ -281,8 +306,9 @@ class Gemma4DraftGeometry:
             num_key_value_heads=global_kv if (k_eq_v and global_kv is not None) else kv_heads,
             head_dim=head_dim,
             intermediate_size=_require(d, "intermediate_size", source),
-            rope_theta=_number(source, "rope_theta", _require(rope, "rope_theta", source + " rope_parameters"
-                                                              ".full_attention")),
+            rope_theta=_number(
+                source, "rope_theta", _require(rope, "rope_theta", source + " rope_parameters.full_attention")
+            ),
             rms_norm_eps=_number(source, "rms_norm_eps", _require(d, "rms_norm_eps", source)),
             tie_word_embeddings=tied,
             max_position_embeddings=d.get("max_position_embeddings", 40960),
@@ -348,9 +374,13 @@ class DraftConfig:
             if not isinstance(lid, int) or not (-1 <= lid < self.num_target_layers - 1):
                 raise UsageError(
                     f"target_layer_ids entry {lid!r} is out of range: accepted -1..{self.num_target_layers - 2} "
-                    f"(the last target layer {self.num_target_layers - 1} is never used, spec §4.1)")
-        if (not isinstance(self.mask_token_id, int) or isinstance(self.mask_token_id, bool)
-                or not (0 <= self.mask_token_id < self.model.vocab_size)):
+                    f"(the last target layer {self.num_target_layers - 1} is never used, spec §4.1)"
+                )
+        if (
+            not isinstance(self.mask_token_id, int)
+            or isinstance(self.mask_token_id, bool)
+            or not (0 <= self.mask_token_id < self.model.vocab_size)
+        ):
             raise UsageError(f"mask_token_id must be in [0, {self.model.vocab_size}), got {self.mask_token_id}")
         if self.markov_rank < 0:
             raise UsageError(f"markov_rank must be >= 0, got {self.markov_rank}")
@@ -393,28 +423,31 @@ class DraftConfig:
             target_layer_ids=tuple(ids),
             mask_token_id=_require(d, "mask_token_id", source),
             markov_rank=rank,
-            markov_head_type=d.get("markov_head_type", "vanilla") if rank else "vanilla",
+            markov_head_type=_require(d, "markov_head_type", source) if rank else "vanilla",
             enable_confidence_head=bool(d.get("enable_confidence_head", False)),
             confidence_head_with_markov=bool(d.get("confidence_head_with_markov", False))
-            if d.get("enable_confidence_head") else False,
+            if d.get("enable_confidence_head")
+            else False,
             num_anchors=int(d.get("num_anchors", 512)),
             gemma4=gemma4,
         )
 
     def to_hf_dict(self) -> dict:
         d = self.model.to_hf_dict() if self.gemma4 is None else self.gemma4.to_hf_fields(self.model)
-        d.update({
-            "architectures": ["Qwen3DSparkModel" if self.gemma4 is None else "Gemma4DSparkModel"],
-            "num_target_layers": self.num_target_layers,
-            "block_size": self.block_size,
-            "mask_token_id": self.mask_token_id,
-            "target_layer_ids": list(self.target_layer_ids),
-            "num_anchors": self.num_anchors,
-            "markov_rank": self.markov_rank,
-            "enable_confidence_head": self.enable_confidence_head,
-            "tie_word_embeddings": False,
-            "layer_types": ["full_attention"] * self.model.num_hidden_layers,
-        })
+        d.update(
+            {
+                "architectures": ["Qwen3DSparkModel" if self.gemma4 is None else "Gemma4DSparkModel"],
+                "num_target_layers": self.num_target_layers,
+                "block_size": self.block_size,
+                "mask_token_id": self.mask_token_id,
+                "target_layer_ids": list(self.target_layer_ids),
+                "num_anchors": self.num_anchors,
+                "markov_rank": self.markov_rank,
+                "enable_confidence_head": self.enable_confidence_head,
+                "tie_word_embeddings": False,
+                "layer_types": ["full_attention"] * self.model.num_hidden_layers,
+            }
+        )
         if self.markov_rank:
             d["markov_head_type"] = self.markov_head_type
         if self.enable_confidence_head:
@@ -423,17 +456,20 @@ class DraftConfig:
 
     def check_target(self, target: Qwen3Config) -> None:
         """Raise a one-line UsageError when this draft cannot run against `target` (spec §3.2)."""
-        pairs = [("hidden_size", self.model.hidden_size, target.hidden_size),
-                 ("vocab_size", self.model.vocab_size, target.vocab_size),
-                 ("num_target_layers", self.num_target_layers, target.num_hidden_layers),
-                 # The draft inherits the target's attention geometry (spec §3.2); a mismatch means another target.
-                 ("num_attention_heads", self.model.num_attention_heads, target.num_attention_heads),
-                 ("num_key_value_heads", self.model.num_key_value_heads, target.num_key_value_heads),
-                 ("head_dim", self.model.head_dim, target.head_dim)]
+        pairs = [
+            ("hidden_size", self.model.hidden_size, target.hidden_size),
+            ("vocab_size", self.model.vocab_size, target.vocab_size),
+            ("num_target_layers", self.num_target_layers, target.num_hidden_layers),
+            # The draft inherits the target's attention geometry (spec §3.2); a mismatch means another target.
+            ("num_attention_heads", self.model.num_attention_heads, target.num_attention_heads),
+            ("num_key_value_heads", self.model.num_key_value_heads, target.num_key_value_heads),
+            ("head_dim", self.model.head_dim, target.head_dim),
+        ]
         for name, mine, theirs in pairs:
             if mine != theirs:
-                raise UsageError(f"draft {name} is {mine} but the target's is {theirs}: this draft belongs to "
-                                 "another target")
+                raise UsageError(
+                    f"draft {name} is {mine} but the target's is {theirs}: this draft belongs to another target"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,7 +481,11 @@ class SamplingConfig:
     top_k: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if (
+            not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
             raise UsageError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -479,6 +519,7 @@ class VerifyPolicy:
                 raise UsageError(f"verify threshold must be a number in [0, 1], got {raw!r}")
             return cls("threshold", x)
         if text == "scheduler":
-            raise UsageError("verify 'scheduler' needs the prefix scheduler, which is not built yet; "
-                             "accepted: full, threshold:X")
+            raise UsageError(
+                "verify 'scheduler' needs the prefix scheduler, which is not built yet; accepted: full, threshold:X"
+            )
         raise UsageError(f"verify must be 'full' or 'threshold:X' with X in [0, 1], got {text!r}")

@@ -14,7 +14,7 @@ from dspark_jax.errors import DSparkError, UsageError
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_code")
 DEFAULT_TARGET = os.path.join(ASSETS, "target")
 DEFAULT_DRAFT = os.path.join(ASSETS, "dspark")
-DEFAULT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +39,10 @@ class GenerateArgs:
 
 
 def build_parser() -> OneLineArgumentParser:
-    p = OneLineArgumentParser(prog="python -m dspark_jax.generate",
-                              description="Generate with a target and a DSpark draft (defaults: the embedded pair).")
+    p = OneLineArgumentParser(
+        prog="python -m dspark_jax.generate",
+        description="Generate with a target and a DSpark draft (defaults: the embedded pair).",
+    )
     p.add_argument("--target", help="target folder or hub id (default: the embedded tiny_code target)")
     p.add_argument("--draft", help="draft folder or hub id (default: the embedded DSpark draft)")
     p.add_argument("--no-draft", action="store_true", help="plain decoding with the target alone")
@@ -54,8 +56,12 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify", default="full", help="full | threshold:X")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)",
+    )
     p.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
     return p
@@ -107,8 +113,15 @@ def _timed(target, draft, prompts, args: GenerateArgs):
     """Compile with one run, then time a second identical run (tokens/s must not include compilation)."""
     import dspark_jax as dj
 
-    kwargs = dict(prompts=prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, verify=args.verify if draft else "full")
+    kwargs = dict(
+        prompts=prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        verify=args.verify if draft else "full",
+    )
     dj.generate(target, draft, **kwargs)
     return dj.generate(target, draft, **kwargs)
 
@@ -144,18 +157,29 @@ def run(args: GenerateArgs) -> dict:
     plain_tps = plain.new_tokens / max(plain.seconds, 1e-9) if plain else None
     tok = target.tokenizer
     return {
-        "prompts": [{"prompt_ids": p, "tokens": t, "text": tok.decode(t) if tok else None,
-                     "acceptance_lengths": a, "proposal_lengths": q}
-                    for p, t, a, q in zip(prompts, result.tokens, result.acceptance_lengths,
-                                          result.proposal_lengths)],
+        "prompts": [
+            {
+                "prompt_ids": p,
+                "tokens": t,
+                "text": tok.decode(t) if tok else None,
+                "acceptance_lengths": a,
+                "proposal_lengths": q,
+            }
+            for p, t, a, q in zip(prompts, result.tokens, result.acceptance_lengths, result.proposal_lengths)
+        ],
         "tau": result.tau if draft is not None else 1.0,
         "new_tokens": result.new_tokens,
         "seconds": result.seconds,
         "tokens_per_s": tps,
         "plain_tokens_per_s": plain_tps,
         "speedup": tps / plain_tps if plain_tps else None,
-        "config": {**dataclasses.asdict(args), "target": target_path, "draft": draft_path, "dtype": dtype,
-                   "backend": jax.default_backend()},
+        "config": {
+            **dataclasses.asdict(args),
+            "target": target_path,
+            "draft": draft_path,
+            "dtype": dtype,
+            "backend": jax.default_backend(),
+        },
     }
 
 
@@ -163,8 +187,9 @@ def _print_human(out: dict) -> None:
     for p in out["prompts"]:
         print(p["text"] if p["text"] is not None else " ".join(map(str, p["tokens"])))
         print("-" * 60)
-    line = f"tau {out['tau']:.2f} | {out['new_tokens']} tokens in {out['seconds']:.2f} s | " \
-           f"{out['tokens_per_s']:.1f} tok/s"
+    line = (
+        f"tau {out['tau']:.2f} | {out['new_tokens']} tokens in {out['seconds']:.2f} s | {out['tokens_per_s']:.1f} tok/s"
+    )
     if out["speedup"] is not None:
         line += f" | plain {out['plain_tokens_per_s']:.1f} tok/s | speedup {out['speedup']:.2f}x"
     print(line)

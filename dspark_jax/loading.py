@@ -43,8 +43,9 @@ def resolve(path_or_id: str) -> str:
     try:
         return huggingface_hub.snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS)
     except LocalEntryNotFoundError:
-        raise UsageError(f"checkpoint {path_or_id!r} is neither a local folder nor in the Hugging Face cache "
-                         "(offline)") from None
+        raise UsageError(
+            f"checkpoint {path_or_id!r} is neither a local folder nor in the Hugging Face cache (offline)"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"checkpoint {path_or_id!r}: hub download failed ({first})") from None
@@ -60,8 +61,10 @@ def checkpoint_kind(config: dict, source: str) -> str:
         return "dspark" if config.get("markov_rank") or config.get("enable_confidence_head") else "dflash"
     if config.get("model_type") == "qwen3" or arch == "Qwen3ForCausalLM":
         return "qwen3"
-    raise UsageError(f"{source}: unsupported architecture {arch or config.get('model_type')!r}; accepted: "
-                     "Qwen3ForCausalLM, Qwen3DSparkModel, Gemma4DSparkModel")
+    raise UsageError(
+        f"{source}: unsupported architecture {arch or config.get('model_type')!r}; accepted: "
+        "Qwen3ForCausalLM, Qwen3DSparkModel, Gemma4DSparkModel"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tap_layer_ids"))
@@ -104,8 +107,18 @@ class DraftHandle:
     def module(self) -> Draft:
         return nnx.merge(self.graphdef, self.state)
 
-    def propose(self, taps, anchor, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, key=None,
-                cache=None, anchor_position=None):
+    def propose(
+        self,
+        taps,
+        anchor,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        key=None,
+        cache=None,
+        anchor_position=None,
+    ):
         """Research API: one block from context features (see decoding.propose.propose_from_features).
 
         Returns (Proposal, cache): tokens i32[batch, slots], base_logits / logits f32[batch, slots, vocab],
@@ -113,8 +126,17 @@ class DraftHandle:
         """
         from dspark_jax.decoding.propose import propose_from_features
 
-        return propose_from_features(self, taps, anchor, temperature=temperature, top_p=top_p, top_k=top_k,
-                                     key=key, cache=cache, anchor_position=anchor_position)
+        return propose_from_features(
+            self,
+            taps,
+            anchor,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            key=key,
+            cache=cache,
+            anchor_position=anchor_position,
+        )
 
 
 def _abstract(model_cls, config):
@@ -135,8 +157,15 @@ def _load_params(folder: str, kind: str, model_cls, config, mesh, source: str, b
     with open_checkpoint(folder) as reader:
         # Gemma4 buffers of value 1.0 (spec §5.2): ignored by Qwen3 drafts, loaded as LayerScalar by Gemma4 ones.
         skip = (r"layers\.\d+\.layer_scalar",)
-        state = convert_state(reader, KEYMAPS[kind], abstract, source=source, mesh=mesh, bound=bound,
-                              skip=skip if kind in ("dspark", "dflash") else ())
+        state = convert_state(
+            reader,
+            KEYMAPS[kind],
+            abstract,
+            source=source,
+            mesh=mesh,
+            bound=bound,
+            skip=skip if kind in ("dspark", "dflash") else (),
+        )
     return graphdef, state
 
 
@@ -162,10 +191,10 @@ def load_draft(path_or_id: str, target: Target) -> DraftHandle:
     if kind == "qwen3":
         raise UsageError(f"{path_or_id!r} is a target model, not a DSpark/DFlash draft")
     if kind.endswith("_gemma4"):
-        raise UsageError(f"{path_or_id!r} is a Gemma4 draft and this port has no Gemma4 target to bind it to; "
-                         "use load_gemma4_draft")
-    config = DraftConfig.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(
-        target.config.param_dtype)
+        raise UsageError(
+            f"{path_or_id!r} is a Gemma4 draft and this port has no Gemma4 target to bind it to; use load_gemma4_draft"
+        )
+    config = DraftConfig.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(target.config.param_dtype)
     if target.config.dtype != target.config.param_dtype:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=target.config.dtype))
     config.check_target(target.config)
@@ -176,8 +205,7 @@ def load_draft(path_or_id: str, target: Target) -> DraftHandle:
     return DraftHandle(config, graphdef, state, folder)
 
 
-def load_gemma4_draft(path_or_id: str, dtype: str = "bfloat16",
-                      mesh: jax.sharding.Mesh | None = None) -> DraftHandle:
+def load_gemma4_draft(path_or_id: str, dtype: str = "bfloat16", mesh: jax.sharding.Mesh | None = None) -> DraftHandle:
     """Load a Gemma4DSparkModel draft on its own (spec §4.5): there is no JAX Gemma4 target to bind, so the frozen
     embedding / LM-head copies come from the checkpoint, which must hold them (spec §5.3 allows either source).
     """
@@ -206,9 +234,11 @@ def convert_checkpoint(src: str, dst: str, *, kind: str = "auto", dtype: str = "
     else:
         config = DraftConfig.from_hf_dict(raw).with_dtype(dtype)
         graphdef, state = _load_params(folder, detected, Draft, config, mesh, src)
-    extras = tuple(os.path.join(folder, f) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                        "generation_config.json")
-                   if os.path.isfile(os.path.join(folder, f)))
+    extras = tuple(
+        os.path.join(folder, f)
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+        if os.path.isfile(os.path.join(folder, f))
+    )
     try:
         checkpoints.save_state(dst, state, {**raw, "torch_dtype": dtype}, extras)
     except OSError as e:  # unwritable or invalid destination: one line, like every other bad input
@@ -223,8 +253,9 @@ def _check_destination(dst: str, src_folder: str) -> None:
     src = os.path.realpath(src_folder)
     if real == src or src.startswith(real + os.sep):
         raise UsageError(f"dst {dst!r} would overwrite the source checkpoint {src_folder!r}; pick another folder")
-    if os.path.exists(dst) and not (os.path.isdir(dst) and (not os.listdir(dst)
-                                                            or checkpoints.is_orbax_checkpoint(dst))):
+    if os.path.exists(dst) and not (
+        os.path.isdir(dst) and (not os.listdir(dst) or checkpoints.is_orbax_checkpoint(dst))
+    ):
         raise UsageError(f"dst {dst!r} exists and is not a dspark_jax checkpoint; remove it or pick a new folder")
 
 
@@ -234,5 +265,13 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-__all__ = ["Target", "DraftHandle", "load_target", "load_draft", "load_gemma4_draft", "convert_checkpoint", "resolve",
-           "DSparkError"]
+__all__ = [
+    "Target",
+    "DraftHandle",
+    "load_target",
+    "load_draft",
+    "load_gemma4_draft",
+    "convert_checkpoint",
+    "resolve",
+    "DSparkError",
+]

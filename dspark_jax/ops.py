@@ -11,8 +11,9 @@ def chain_parents(batch: int, nodes: int) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(nodes, dtype=jnp.int32) - 1, (batch, nodes))
 
 
-def accept_chain(draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms,
-                 impl: str = "auto"):
+def accept_chain(
+    draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl: str = "auto"
+):
     """Speculative acceptance of a chain of drafts (spec §6.6).
 
     draft_tokens i32[batch, slots]; num_proposed i32[batch]; target_probs f32[batch, slots + 1, vocab];
@@ -22,6 +23,7 @@ def accept_chain(draft_tokens, num_proposed, target_probs, draft_probs, uniforms
     from pallas_kernels.verify import verify
 
     parents = chain_parents(*draft_tokens.shape)
-    accepted, _, next_token = verify(draft_tokens, parents, num_proposed, target_probs, draft_probs, uniforms,
-                                     residual_uniforms, impl=impl)
+    accepted, _, next_token = verify(
+        draft_tokens, parents, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl=impl
+    )
     return accepted, next_token

@@ -33,7 +33,9 @@ class ShardingRules:
         if logical is None:
             return None
         if not hasattr(self, logical):
-            raise UsageError(f"unknown logical axis {logical!r}; accepted: {[f.name for f in dataclasses.fields(self)]}")
+            raise UsageError(
+                f"unknown logical axis {logical!r}; accepted: {[f.name for f in dataclasses.fields(self)]}"
+            )
         return getattr(self, logical)
 
 
@@ -70,8 +72,13 @@ def make_mesh(sizes: dict[str, int] | str, devices=None) -> Mesh:
     return Mesh(np.array(devices[:need]).reshape(shape), MESH_AXES)
 
 
-def sharding_for(name: str, shape: tuple[int, ...], axes: tuple[str | None, ...] | None, mesh: Mesh,
-                 rules: ShardingRules = ShardingRules()) -> NamedSharding:
+def sharding_for(
+    name: str,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...] | None,
+    mesh: Mesh,
+    rules: ShardingRules = ShardingRules(),
+) -> NamedSharding:
     """NamedSharding of one param; a mesh axis that does not divide its dimension is a one-line UsageError."""
     if axes is None:
         return NamedSharding(mesh, PartitionSpec())
@@ -79,8 +86,10 @@ def sharding_for(name: str, shape: tuple[int, ...], axes: tuple[str | None, ...]
     spec = logical_to_spec(axes, rules)
     for dim, (size, axis) in enumerate(zip(shape, spec)):
         if axis is not None and size % mesh.shape[axis]:
-            raise UsageError(f"mesh axis {axis}={mesh.shape[axis]} does not divide {name} dim {dim} "
-                             f"({axes[dim]}={size}); choose a mesh size that divides it")
+            raise UsageError(
+                f"mesh axis {axis}={mesh.shape[axis]} does not divide {name} dim {dim} "
+                f"({axes[dim]}={size}); choose a mesh size that divides it"
+            )
     return NamedSharding(mesh, spec)
 
 

@@ -45,7 +45,8 @@ class Tokenizer:
             raise UsageError("the tokenizer has a chat template but jinja2 is not installed; pip install jinja2")
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
         rendered = env.from_string(self.chat_template).render(
-            messages=[{"role": "user", "content": text}], add_generation_prompt=True, enable_thinking=False)
+            messages=[{"role": "user", "content": text}], add_generation_prompt=True, enable_thinking=False
+        )
         return self.encode(rendered)
 
 

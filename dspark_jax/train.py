@@ -13,6 +13,7 @@ import shutil
 import sys
 
 from dspark_jax.cli_util import OneLineArgumentParser
+from dspark_jax.configs import DraftConfig, Qwen3Config, read_config_json
 from dspark_jax.errors import DSparkError, UsageError
 from dspark_jax.training.config import MODES, TrainConfig
 
@@ -30,40 +31,58 @@ def build_parser() -> OneLineArgumentParser:
     d = TrainConfig.__dataclass_fields__
     p = OneLineArgumentParser(prog="python -m dspark_jax.train", description=__doc__.splitlines()[0])
     p.add_argument("--mode", required=True, choices=MODES, help="draft: train a draft; target: train the target")
-    p.add_argument("--target", required=True, help="target folder or hub id (the frozen teacher, or the model "
-                                                   "trained in mode target)")
-    p.add_argument("--data", required=True, help="a .jsonl of {'input_ids': [...], 'loss_mask': [...]} or a folder "
-                                                 "of .txt files")
+    p.add_argument("--target", help="target folder or hub id (the frozen teacher, or the model trained in mode target)")
+    p.add_argument(
+        "--target-config",
+        help="mode target: HF Qwen3 config.json for a fresh random target (instead of --target; needs --tokenizer)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a .jsonl of {'input_ids' or 'ids': [...], 'loss_mask': [...] (optional)} or a folder of .txt files",
+    )
     p.add_argument("--output-dir", required=True, help="run folder: checkpoints/, metrics.jsonl, exported model")
     p.add_argument("--draft", help="draft folder to continue training (mode draft)")
-    p.add_argument("--draft-config", help="JSON of DSpark fields (block_size, target_layer_ids, mask_token_id, "
-                                          "markov_rank, ...) over the target's config, for a fresh draft")
+    p.add_argument(
+        "--draft-config",
+        help="JSON of DSpark fields (block_size, target_layer_ids, mask_token_id, "
+        "markov_rank, ...) over the target's config, for a fresh draft",
+    )
     p.add_argument("--tokenizer", help="tokenizer.json for text data (default: the target folder's)")
     for name, kind, help_ in (
-            ("seq_len", int, "static sequence length (longer sequences are truncated / windowed)"),
-            ("min_supervised", int, "drop sequences with fewer supervised tokens (spec §9.1)"),
-            ("batch_size", int, "sequences per micro-step over all devices (a multiple of the data axis)"),
-            ("grad_accum", int, "micro-steps per update"),
-            ("epochs", int, "epochs (ignored with --max-steps)"),
-            ("max_steps", int, "total updates (0: epochs x floor(sequences / global batch))"),
-            ("stop_at_step", int, "checkpoint and stop after this update (0: run to the end)"),
-            ("lr", float, "peak learning rate"),
-            ("warmup_fraction", float, "linear warmup updates as a fraction of all updates"),
-            ("weight_decay", float, "AdamW weight decay"),
-            ("adam_b1", float, "AdamW beta1"),
-            ("adam_b2", float, "AdamW beta2"),
-            ("adam_eps", float, "AdamW epsilon"),
-            ("grad_clip", float, "global gradient-norm clip"),
-            ("num_anchors", int, "anchors per sequence (0: the draft config's num_anchors)"),
-            ("loss_decay_gamma", float, "slot weight exp(-j / gamma)"),
-            ("seed", int, "base PRNG seed (init, anchors, data order)"),
-            ("checkpoint_every", int, "updates between checkpoints"),
-            ("log_every", int, "updates between metrics.jsonl records")):
+        ("seq_len", int, "static sequence length (longer sequences are truncated / windowed)"),
+        ("min_supervised", int, "drop sequences with fewer supervised tokens (spec §9.1)"),
+        ("batch_size", int, "sequences per micro-step over all devices (a multiple of the data axis)"),
+        ("grad_accum", int, "micro-steps per update"),
+        ("epochs", int, "epochs (ignored with --max-steps)"),
+        ("max_steps", int, "total updates (0: epochs x floor(sequences / global batch))"),
+        ("stop_at_step", int, "checkpoint and stop after this update (0: run to the end)"),
+        ("lr", float, "peak learning rate"),
+        ("warmup_fraction", float, "linear warmup updates as a fraction of all updates"),
+        ("weight_decay", float, "AdamW weight decay"),
+        ("adam_b1", float, "AdamW beta1"),
+        ("adam_b2", float, "AdamW beta2"),
+        ("adam_eps", float, "AdamW epsilon"),
+        ("grad_clip", float, "global gradient-norm clip"),
+        ("num_anchors", int, "anchors per sequence (0: the draft config's num_anchors)"),
+        ("loss_decay_gamma", float, "slot weight exp(-j / gamma)"),
+        ("seed", int, "base PRNG seed (init, anchors, data order)"),
+        ("checkpoint_every", int, "updates between checkpoints"),
+        ("log_every", int, "updates between metrics.jsonl records"),
+    ):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name].default, help=help_)
-    p.add_argument("--loss-weights", type=_floats, default=None, help="CE,L1,confidence (default: 0.1,0.9,1.0 for "
-                                                                      "DSpark, 1,0,0 for DFlash)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="compute dtype (default: float32 on CPU, bfloat16 on accelerators); master weights are f32")
+    p.add_argument(
+        "--loss-weights",
+        type=_floats,
+        default=None,
+        help="CE,L1,confidence (default: 0.1,0.9,1.0 for DSpark, 1,0,0 for DFlash)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="compute dtype (default: float32 on CPU, bfloat16 on accelerators); master weights are f32",
+    )
     p.add_argument("--mesh", default=d["mesh"].default, help="mesh axis sizes, e.g. data=4")
     p.add_argument("--feature-cache", help="folder caching the target's features per sequence (mode draft)")
     p.add_argument("--export-dtype", choices=("float32", "bfloat16"), default=d["export_dtype"].default)
@@ -87,26 +106,34 @@ def _training_model_config(config, compute: str):
     return dataclasses.replace(config, model=model) if hasattr(config, "model") else model
 
 
-def _draft_config_from_json(path: str, target) -> "DraftConfig":  # noqa: F821
-    from dspark_jax.configs import DraftConfig, read_config_json
-
+def _read_json(path: str, flag: str) -> dict:
     if not os.path.isfile(path):
-        raise UsageError(f"--draft-config {path!r} does not exist")
+        raise UsageError(f"{flag} {path!r} does not exist")
     try:
         with open(path) as f:
             fields = json.load(f)
     except json.JSONDecodeError as e:
-        raise UsageError(f"--draft-config {path} is not valid JSON ({e.msg})") from None
+        raise UsageError(f"{flag} {path} is not valid JSON ({e.msg})") from None
     if not isinstance(fields, dict):
-        raise UsageError(f"--draft-config {path} must hold a JSON object")
-    merged = {**read_config_json(target.path), "num_hidden_layers": 5, **fields,
-              "num_target_layers": target.config.num_hidden_layers, "architectures": ["Qwen3DSparkModel"]}
+        raise UsageError(f"{flag} {path} must hold a JSON object")
+    return fields
+
+
+def _draft_config_from_json(path: str, target) -> DraftConfig:
+    fields = _read_json(path, "--draft-config")
+    merged = {
+        **read_config_json(target.path),
+        "num_hidden_layers": 5,
+        **fields,
+        "num_target_layers": target.config.num_hidden_layers,
+        "architectures": ["Qwen3DSparkModel"],
+    }
     config = DraftConfig.from_hf_dict(merged, path)
     config.check_target(target.config)
     return config
 
 
-def build_job(cfg: TrainConfig, compute: str, mesh):
+def build_job(cfg: TrainConfig, compute: str):
     """Load the models named by `cfg` and split them for training: (TrainJob, model config for export, target)."""
     import jax
     import jax.numpy as jnp
@@ -114,11 +141,17 @@ def build_job(cfg: TrainConfig, compute: str, mesh):
 
     from dspark_jax import loading
     from dspark_jax.models import Draft, Qwen3
-    from dspark_jax.training.losses import DFLASH_LOSS_WEIGHTS, DSPARK_LOSS_WEIGHTS
     from dspark_jax.training.loop import TrainJob
+    from dspark_jax.training.losses import DFLASH_LOSS_WEIGHTS, DSPARK_LOSS_WEIGHTS
     from dspark_jax.training.step import split_trainable
 
     f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
+    if cfg.mode == "target" and cfg.target_config is not None:
+        config = _training_model_config(
+            Qwen3Config.from_hf_dict(_read_json(cfg.target_config, "--target-config"), cfg.target_config), compute
+        )
+        gd, params, frozen = split_trainable(Qwen3(config, rngs=nnx.Rngs(cfg.seed)))  # N(0, 0.02^2), norms 1
+        return TrainJob("target", gd, params, frozen), config, None
     if cfg.mode == "target":
         target = loading.load_target(cfg.target, dtype="float32")
         config = _training_model_config(target.config, compute)
@@ -147,8 +180,17 @@ def build_job(cfg: TrainConfig, compute: str, mesh):
         teacher_config = target.config.with_dtype(compute)
         teacher_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen3(teacher_config, rngs=nnx.Rngs(0))))
         teacher_state = jax.tree.map(lambda x: x.astype(compute), target.state)
-    job = TrainJob("draft", gd, params, frozen, teacher_graphdef, teacher_state, tuple(config.target_layer_ids),
-                   cfg.num_anchors or config.num_anchors, tuple(weights))
+    job = TrainJob(
+        "draft",
+        gd,
+        params,
+        frozen,
+        teacher_graphdef,
+        teacher_state,
+        tuple(config.target_layer_ids),
+        cfg.num_anchors or config.num_anchors,
+        tuple(weights),
+    )
     return job, config, target
 
 
@@ -161,8 +203,10 @@ def _export(cfg: TrainConfig, config, state, target) -> None:
     if cfg.mode == "draft":
         export_draft(tmp, config, state, cfg.export_dtype)
     else:
-        extras = tuple(os.path.join(target.path, f) for f in TOKENIZER_FILES
-                       if os.path.isfile(os.path.join(target.path, f)))
+        folders = [os.path.dirname(os.path.abspath(cfg.tokenizer))] if target is None else [target.path]
+        extras = tuple(
+            os.path.join(folders[0], f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folders[0], f))
+        )
         export_target(tmp, config, state, cfg.export_dtype, extras)
     names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
     for name in names:
@@ -181,15 +225,18 @@ def run(cfg: TrainConfig) -> dict:
 
     mesh = make_mesh(cfg.mesh)
     if cfg.batch_size % mesh.shape["data"]:
-        raise UsageError(f"batch_size ({cfg.batch_size}) must be a multiple of the mesh's data axis "
-                         f"({mesh.shape['data']})")
+        raise UsageError(
+            f"batch_size ({cfg.batch_size}) must be a multiple of the mesh's data axis ({mesh.shape['data']})"
+        )
     if not cfg.resume and loop.latest_checkpoint(cfg.output_dir) is not None:
         raise UsageError(f"--output-dir {cfg.output_dir!r} already holds a run; pass --resume or choose another folder")
     compute = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    job, config, target = build_job(cfg, compute, mesh)
+    job, config, target = build_job(cfg, compute)
     tokenizer = cfg.tokenizer or os.path.join(target.path, "tokenizer.json")
-    corpus = load_corpus(cfg.data, cfg.seq_len, tokenizer_path=tokenizer, min_supervised=cfg.min_supervised,
-                         vocab_size=target.config.vocab_size)
+    vocab = (target.config if target is not None else config).vocab_size
+    corpus = load_corpus(
+        cfg.data, cfg.seq_len, tokenizer_path=tokenizer, min_supervised=cfg.min_supervised, vocab_size=vocab
+    )
     loop.total_steps(cfg, len(corpus))  # fail before anything is written
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
@@ -199,8 +246,13 @@ def run(cfg: TrainConfig) -> dict:
     if finished:
         _export(cfg, config, nnx.state(result.model()), target)
     last = result.history[-1] if result.history else {}
-    return {"steps": int(result.state.step), "total_steps": result.total_steps, "finished": finished,
-            "output_dir": cfg.output_dir, "last": last}
+    return {
+        "steps": int(result.state.step),
+        "total_steps": result.total_steps,
+        "finished": finished,
+        "output_dir": cfg.output_dir,
+        "last": last,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     last = out["last"]
     state = "done" if out["finished"] else "stopped (continue with --resume)"
-    print(f"{state}: {out['steps']}/{out['total_steps']} updates, loss {last.get('loss', float('nan')):.4f} -> "
-          f"{out['output_dir']}")
+    print(
+        f"{state}: {out['steps']}/{out['total_steps']} updates, loss {last.get('loss', float('nan')):.4f} -> "
+        f"{out['output_dir']}"
+    )
     return 0
 
 

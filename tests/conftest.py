@@ -33,17 +33,29 @@ def _torch_threads():
         pass
 
 
-def tiny_qwen3_hf(tmp_path, *, vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffw=96,
-                  tied=False, seed=0, eos=None):
+def tiny_qwen3_hf(
+    tmp_path, *, vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffw=96, tied=False, seed=0, eos=None
+):
     """Save a tiny random transformers Qwen3 (norm scales randomised away from 1) and return its folder."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                                   intermediate_size=ffw, tie_word_embeddings=tied, max_position_embeddings=512,
-                                   rope_theta=10000.0, eos_token_id=eos, bos_token_id=None, pad_token_id=None)
+    cfg = transformers.Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=ffw,
+        tie_word_embeddings=tied,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        eos_token_id=eos,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
     model = transformers.Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -9,6 +9,7 @@ that gives mixed acceptance lengths without any training.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,18 +20,32 @@ from dspark_jax.loading import DraftHandle, Target
 from dspark_jax.models import Draft
 
 
-def draft_config(target: Target, *, block_size: int = 4, num_layers: int = 2, markov_rank: int = 0,
-                 markov_head_type: str = "vanilla", confidence: bool = False, confidence_with_markov: bool = True,
-                 target_layer_ids: tuple[int, ...] | None = None, mask_token_id: int | None = None) -> DraftConfig:
+def draft_config(
+    target: Target,
+    *,
+    block_size: int = 4,
+    num_layers: int = 2,
+    markov_rank: int = 0,
+    markov_head_type: str = "vanilla",
+    confidence: bool = False,
+    confidence_with_markov: bool = True,
+    target_layer_ids: tuple[int, ...] | None = None,
+    mask_token_id: int | None = None,
+) -> DraftConfig:
     t = target.config
     ids = target_layer_ids if target_layer_ids is not None else tuple(range(-1, t.num_hidden_layers - 1))[-3:]
     model = dataclasses.replace(t, num_hidden_layers=num_layers, tie_word_embeddings=False)
-    return DraftConfig(model=model, block_size=block_size, num_target_layers=t.num_hidden_layers,
-                       target_layer_ids=tuple(ids),
-                       mask_token_id=t.vocab_size - 1 if mask_token_id is None else mask_token_id,
-                       markov_rank=markov_rank, markov_head_type=markov_head_type,
-                       enable_confidence_head=confidence,
-                       confidence_head_with_markov=confidence and confidence_with_markov and markov_rank > 0)
+    return DraftConfig(
+        model=model,
+        block_size=block_size,
+        num_target_layers=t.num_hidden_layers,
+        target_layer_ids=tuple(ids),
+        mask_token_id=t.vocab_size - 1 if mask_token_id is None else mask_token_id,
+        markov_rank=markov_rank,
+        markov_head_type=markov_head_type,
+        enable_confidence_head=confidence,
+        confidence_head_with_markov=confidence and confidence_with_markov and markov_rank > 0,
+    )
 
 
 def _bind_target(model: Draft, target: Target) -> None:
@@ -49,8 +64,9 @@ def random_draft(target: Target, *, seed: int = 0, **config_kwargs) -> DraftHand
     return DraftHandle(config, graphdef, state, f"<random draft seed {seed}>")
 
 
-def bigram_draft(target: Target, table: dict[int, int], *, strength: float = 12.0, seed: int = 0,
-                 **config_kwargs) -> DraftHandle:
+def bigram_draft(
+    target: Target, table: dict[int, int], *, strength: float = 12.0, seed: int = 0, **config_kwargs
+) -> DraftHandle:
     """A draft whose vanilla Markov head proposes `table[prev]` after token `prev` (random where absent).
 
     With rank = vocab the bias is beta(prev) = strength * onehot(table[prev]), which dominates the random base
@@ -68,7 +84,7 @@ def bigram_draft(target: Target, table: dict[int, int], *, strength: float = 12.
     model.markov_head.markov_w2[...] = jnp.asarray(w2, model.markov_head.markov_w2[...].dtype)
     if config.confidence_head_with_markov:
         w = np.array(model.confidence_head.proj.weight[...], np.float32)  # [hidden + rank, 1]
-        w[config.model.hidden_size:, 0] = np.random.default_rng(seed).normal(size=vocab)
+        w[config.model.hidden_size :, 0] = np.random.default_rng(seed).normal(size=vocab)
         model.confidence_head.proj.weight[...] = jnp.asarray(w, model.confidence_head.proj.weight[...].dtype)
     graphdef, state = nnx.split(model)
     return DraftHandle(config, graphdef, state, f"<bigram draft seed {seed}>")
@@ -78,7 +94,7 @@ def bigram_table(sequences) -> dict[int, int]:
     """Most frequent successor of each token over `sequences` (lists of ids)."""
     counts: dict[int, dict[int, int]] = {}
     for seq in sequences:
-        for a, b in zip(seq[:-1], seq[1:]):
+        for a, b in itertools.pairwise(seq):
             counts.setdefault(a, {}).setdefault(b, 0)
             counts[a][b] += 1
     return {a: max(c, key=lambda k: (c[k], -k)) for a, c in counts.items()}

@@ -8,23 +8,47 @@ from conversion.reader import load_manifest
 from dspark_jax.configs import Qwen3Config, read_config_json
 from dspark_jax.errors import DSparkError, UsageError
 
-TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, intermediate_size=96)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=96,
+)
 
 
 def _hf_dict(**changes) -> dict:
-    d = {**TINY, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_act": "silu",
-         "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "max_position_embeddings": 512}
+    d = {
+        **TINY,
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "max_position_embeddings": 512,
+    }
     d.update(changes)
     return {k: v for k, v in d.items() if v is not ...}  # `...` deletes a field
 
 
-@pytest.mark.parametrize("config", [
-    Qwen3Config(**TINY),
-    Qwen3Config(**TINY, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5,
-                max_position_embeddings=512, dtype="float32", param_dtype="float32"),
-    Qwen3Config(**TINY, rope_scaling=(("factor", 2.0), ("rope_type", "linear"))),
-], ids=["default", "tied_f32", "linear_rope"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        Qwen3Config(**TINY),
+        Qwen3Config(
+            **TINY,
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=512,
+            dtype="float32",
+            param_dtype="float32",
+        ),
+        Qwen3Config(**TINY, rope_scaling=(("factor", 2.0), ("rope_type", "linear"))),
+    ],
+    ids=["default", "tied_f32", "linear_rope"],
+)
 def test_round_trip(config):
     assert Qwen3Config.from_hf_dict(config.to_hf_dict(), dtype=config.dtype, param_dtype=config.param_dtype) == config
     hash(config)  # frozen and hashable: it keys jit caches
@@ -41,8 +65,13 @@ def test_transformers_config_round_trip():
 
 
 def test_legacy_rope_fields_and_defaults():
-    legacy = _hf_dict(rope_parameters=..., rope_theta=5e5, rope_scaling={"type": "linear", "factor": 4.0},
-                      num_key_value_heads=..., head_dim=...)
+    legacy = _hf_dict(
+        rope_parameters=...,
+        rope_theta=5e5,
+        rope_scaling={"type": "linear", "factor": 4.0},
+        num_key_value_heads=...,
+        head_dim=...,
+    )
     c = Qwen3Config.from_hf_dict(legacy)
     assert c.rope_theta == 5e5 and dict(c.rope_scaling) == {"rope_type": "linear", "factor": 4.0}
     assert c.num_key_value_heads == c.num_attention_heads == 4 and c.head_dim == 16  # HF defaults
@@ -53,7 +82,10 @@ def test_full_size_manifest_configs(name):
     raw = load_manifest(name)["config"]
     c = Qwen3Config.from_hf_dict(raw)
     assert (c.hidden_size, c.num_hidden_layers, c.tie_word_embeddings) == (
-        raw["hidden_size"], raw["num_hidden_layers"], raw["tie_word_embeddings"])
+        raw["hidden_size"],
+        raw["num_hidden_layers"],
+        raw["tie_word_embeddings"],
+    )
     assert Qwen3Config.from_hf_dict(c.to_hf_dict()) == c
 
 
@@ -86,8 +118,9 @@ BAD_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("changes, needle", BAD_FIELDS, ids=[f"{next(iter(c))}-{i}" for i, (c, _) in
-                                                              enumerate(BAD_FIELDS)])
+@pytest.mark.parametrize(
+    "changes, needle", BAD_FIELDS, ids=[f"{next(iter(c))}-{i}" for i, (c, _) in enumerate(BAD_FIELDS)]
+)
 def test_bad_field_is_one_line_usage_error(changes, needle):
     with pytest.raises(UsageError) as info:
         Qwen3Config.from_hf_dict(_hf_dict(**changes), "ckpt/config.json")

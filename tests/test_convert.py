@@ -19,8 +19,9 @@ from flax import nnx
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import dspark_jax as dj  # noqa: E402
 from conftest import tiny_qwen3_hf  # noqa: E402
+
+import dspark_jax as dj  # noqa: E402
 from conversion import convert  # noqa: E402
 from conversion.keymaps import KEYMAPS  # noqa: E402
 from conversion.reader import DTYPES, load_manifest, open_checkpoint, save_safetensors  # noqa: E402
@@ -200,6 +201,7 @@ def _several(f):
         t.pop("model.norm.weight")
         t["model.layers.7.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
         t[Q] = np.zeros((3, 64), np.float32)
+
     _rewrite(f, change)
 
 
@@ -305,12 +307,15 @@ def test_mesh_axis_that_does_not_divide_heads(hf_folder, tmp_path, capsys):
     assert os.listdir(out) == []
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--dtype", "float16"], "--dtype"),
-    (["--mesh", "model=8"], "needs 8 devices"),
-    (["--mesh", "tensor=2"], "mesh axis"),
-    (["--kind", "dspark"], "--kind"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--dtype", "float16"], "--dtype"),
+        (["--mesh", "model=8"], "needs 8 devices"),
+        (["--mesh", "tensor=2"], "mesh axis"),
+        (["--kind", "dspark"], "--kind"),
+    ],
+)
 def test_bad_cli_flags(hf_folder, tmp_path, capsys, argv, needle):
     out = tmp_path / "out"
     out.mkdir()
@@ -329,9 +334,14 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 8}))
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    proc = subprocess.run([sys.executable, "-m", "conversion.convert", "--src", str(bad), "--dst",
-                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "conversion.convert", "--src", str(bad), "--dst", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "out").exists()

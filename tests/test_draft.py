@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDENS, rel_err
 from flax import nnx
 
 import dspark_jax as dj
-from conftest import GOLDENS, rel_err
 from conversion.convert import plan
 from conversion.keymaps import KEYMAPS
 from conversion.keymaps.dspark import DRAFT_KEYMAP
@@ -51,8 +51,11 @@ def target():
 
 @pytest.fixture(scope="module")
 def drafts(target):
-    return {(v, w): dj.load_draft(str(GOLDENS / v / w), target=target)
-            for v in VARIANTS for w in ("draft", "draft_distilled")}
+    return {
+        (v, w): dj.load_draft(str(GOLDENS / v / w), target=target)
+        for v in VARIANTS
+        for w in ("draft", "draft_distilled")
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -75,13 +78,20 @@ def run_round(handle, cache, rows, anchors, anchor_positions, forced=None):
     width = handle.config.num_taps * handle.config.model.hidden_size
     feats = np.zeros((len(rows), WIDTH, width), np.float32)
     for i, r in enumerate(rows):
-        feats[i, :len(r)] = r
+        feats[i, : len(r)] = r
     num = np.array([len(r) for r in rows], np.int32)
     if forced is None:
         forced = np.zeros((len(rows), handle.config.block_size), np.int32)
-    return _round(handle.graphdef, handle.state, cache, jnp.asarray(feats), jnp.asarray(num),
-                  jnp.asarray(anchors, jnp.int32), jnp.asarray(anchor_positions, jnp.int32),
-                  jnp.asarray(forced, jnp.int32))
+    return _round(
+        handle.graphdef,
+        handle.state,
+        cache,
+        jnp.asarray(feats),
+        jnp.asarray(num),
+        jnp.asarray(anchors, jnp.int32),
+        jnp.asarray(anchor_positions, jnp.int32),
+        jnp.asarray(forced, jnp.int32),
+    )
 
 
 def assert_close(got, ref, name: str, rel: float = 1e-5):
@@ -120,9 +130,10 @@ def test_rounds_match_goldens(drafts, goldens, variant, series):
         np.testing.assert_array_equal(z[p + "ctx_positions"], np.arange(q, q + len(feats)))
         np.testing.assert_array_equal(z[p + "block_positions"], np.arange(pos, pos + 7))
         recorded = z[p + "draft_tokens"]
-        free, forced, projected, cache = run_round(handle, cache, [feats], [int(z[p + "anchor_token"])], [pos],
-                                                   forced=recorded[None])
-        assert_close(projected[0, :len(feats)], z[p + "ctx_projected"], p + "ctx_projected")
+        free, forced, projected, cache = run_round(
+            handle, cache, [feats], [int(z[p + "anchor_token"])], [pos], forced=recorded[None]
+        )
+        assert_close(projected[0, : len(feats)], z[p + "ctx_projected"], p + "ctx_projected")
         assert_close(free.hidden[0], z[p + "block_hidden"], p + "block_hidden")
         assert_close(free.base_logits[0], z[p + "base_logits"], p + "base_logits")
         assert int(cache.lengths[0]) == int(z[p + "draft_cache_len_after"]) == pos
@@ -193,6 +204,7 @@ def _perturb(key):
     def edit(t):
         t[key] = t[key].copy()
         t[key][3, 5] += 1e-3
+
     return edit
 
 
@@ -200,18 +212,21 @@ def _drop(*keys):
     def edit(t):
         for k in keys:
             del t[k]
+
     return edit
 
 
 def _reshape(key, shape):
     def edit(t):
         t[key] = np.zeros(shape, t[key].dtype)
+
     return edit
 
 
 def _add(key, shape):
     def edit(t):
         t[key] = np.zeros(shape, np.float32)
+
     return edit
 
 
@@ -233,10 +248,16 @@ BAD_DRAFTS = {
     "missing_layer_tensor": (None, _drop("layers.1.mlp.up_proj.weight"), ("missing", "layers.1.mlp.up_proj")),
     "missing_markov_table": (None, _drop("markov_head.markov_w2.weight"), ("missing", "markov_head.markov_w2")),
     "wrong_shape_fc": (None, _reshape("fc.weight", (64, 128)), ("fc.weight", "[64, 128]", "[64, 192]")),
-    "wrong_shape_k_proj": (None, _reshape("layers.0.self_attn.k_proj.weight", (64, 64)),
-                           ("layers.0.self_attn.k_proj.weight", "[64, 64]", "[32, 64]")),
-    "wrong_shape_confidence": (None, _reshape("confidence_head.proj.weight", (1, 64)),
-                               ("confidence_head.proj.weight", "[1, 64]", "[1, 80]")),
+    "wrong_shape_k_proj": (
+        None,
+        _reshape("layers.0.self_attn.k_proj.weight", (64, 64)),
+        ("layers.0.self_attn.k_proj.weight", "[64, 64]", "[32, 64]"),
+    ),
+    "wrong_shape_confidence": (
+        None,
+        _reshape("confidence_head.proj.weight", (1, 64)),
+        ("confidence_head.proj.weight", "[1, 64]", "[1, 80]"),
+    ),
     "unknown_tensor": (None, _add("markov_head.gate_proj.weight", (16, 80)), ("unknown", "gate_proj")),
     "embed_differs_from_target": (None, _perturb("embed_tokens.weight"), ("embed_tokens.weight", "target")),
     "lm_head_differs_from_target": (None, _perturb("lm_head.weight"), ("lm_head.weight", "target")),
@@ -268,14 +289,17 @@ def _other_target(target, **changes):
     return dj.Target(config, graphdef, state, "other")
 
 
-@pytest.mark.parametrize("changes, fragments", [
-    (dict(hidden_size=32), ("hidden_size", "64", "32", "another target")),
-    (dict(vocab_size=1024), ("vocab_size", "512", "1024")),
-    (dict(num_hidden_layers=8), ("num_target_layers", "6", "8")),
-    (dict(num_attention_heads=8), ("num_attention_heads", "4", "8")),
-    (dict(num_key_value_heads=4), ("num_key_value_heads", "2", "4")),
-    (dict(head_dim=8), ("head_dim", "16", "8")),
-])
+@pytest.mark.parametrize(
+    "changes, fragments",
+    [
+        (dict(hidden_size=32), ("hidden_size", "64", "32", "another target")),
+        (dict(vocab_size=1024), ("vocab_size", "512", "1024")),
+        (dict(num_hidden_layers=8), ("num_target_layers", "6", "8")),
+        (dict(num_attention_heads=8), ("num_attention_heads", "4", "8")),
+        (dict(num_key_value_heads=4), ("num_key_value_heads", "2", "4")),
+        (dict(head_dim=8), ("head_dim", "16", "8")),
+    ],
+)
 def test_draft_for_other_target_is_refused(target, changes, fragments):
     other = _other_target(target, **changes)
     with pytest.raises(UsageError) as e:
@@ -359,9 +383,12 @@ def test_gated_head_layout_and_forward(drafts, goldens):
     rng = np.random.default_rng(0)
     known = dict(markov.state.flat_state())
     gate = {"weight": rng.normal(size=(h + r, r)).astype(np.float32), "bias": rng.normal(size=(r,)).astype(np.float32)}
-    state = nnx.State.from_flat_path([(path, var.replace(known[path].get_value() if path in known else
-                                                         jnp.asarray(gate[path[-1]])))
-                                      for path, var in state.flat_state()])
+    state = nnx.State.from_flat_path(
+        [
+            (path, var.replace(known[path].get_value() if path in known else jnp.asarray(gate[path[-1]])))
+            for path, var in state.flat_state()
+        ]
+    )
     handle = dj.DraftHandle(config, graphdef, state, "gated")
     z = goldens["markov"]
     gated, _ = handle.propose(z["t0_r0_ctx_features"], int(z["t0_r0_anchor_token"]))
@@ -384,16 +411,20 @@ def test_batch_equals_rows(drafts, goldens):
     feats, ids = z["prompt_features"], z["prompt_ids"]
     rounds = [  # per round: (rows, anchors, anchor positions)
         ([feats[:24], feats[:10], feats[:17]], [int(z["t0_r0_anchor_token"]), ids[10], ids[17]], [24, 10, 17]),
-        ([z["t0_r1_ctx_features"], feats[10:13], feats[17:22]], [int(z["t0_r1_anchor_token"]), ids[13], ids[22]],
-         [25, 13, 22]),
+        (
+            [z["t0_r1_ctx_features"], feats[10:13], feats[17:22]],
+            [int(z["t0_r1_anchor_token"]), ids[13], ids[22]],
+            [25, 13, 22],
+        ),
     ]
     batch_cache, row_caches = new_cache(handle, 3), [new_cache(handle, 1) for _ in range(3)]
     for rows, anchors, positions in rounds:
         batched, _, _, batch_cache = run_round(handle, batch_cache, rows, anchors, positions)
         np.testing.assert_array_equal(np.asarray(batch_cache.lengths), positions)
         for i in range(3):
-            alone, _, _, row_caches[i] = run_round(handle, row_caches[i], rows[i:i + 1], anchors[i:i + 1],
-                                                   positions[i:i + 1])
+            alone, _, _, row_caches[i] = run_round(
+                handle, row_caches[i], rows[i : i + 1], anchors[i : i + 1], positions[i : i + 1]
+            )
             np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(alone.tokens[0]))
             for name in ("hidden", "base_logits", "logits", "confidence_logits", "probs"):
                 a, b = np.asarray(getattr(batched, name)[i]), np.asarray(getattr(alone, name)[0])
@@ -451,8 +482,7 @@ def test_research_propose(drafts, goldens):
     assert_close(proposal.confidence_logits[0], z["t0_r0_confidence_logits"], "t0_r0_confidence_logits")
     np.testing.assert_array_equal(np.asarray(cache.lengths), [24])
     # Continue from the returned cache with only the new row (round 1).
-    proposal, cache = handle.propose(z["t0_r1_ctx_features"][None], np.array([z["t0_r1_anchor_token"]]),
-                                     cache=cache)
+    proposal, cache = handle.propose(z["t0_r1_ctx_features"][None], np.array([z["t0_r1_anchor_token"]]), cache=cache)
     np.testing.assert_array_equal(np.asarray(proposal.tokens[0]), z["t0_r1_draft_tokens"])
     assert_close(proposal.hidden[0], z["t0_r1_block_hidden"], "t0_r1_block_hidden")
     np.testing.assert_array_equal(np.asarray(cache.lengths), [25])

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 gemma4_hf = pytest.importorskip("transformers.models.gemma4")
 
 from conftest import rel_err  # noqa: E402
+
 from conversion.keymaps.dspark import GEMMA4_DRAFT_KEYMAP  # noqa: E402
 from conversion.transforms import TRANSFORMS  # noqa: E402
 from dspark_jax.configs import DraftConfig, Gemma4DraftGeometry  # noqa: E402
@@ -38,21 +39,43 @@ FULL_LAYER = 1  # a full-attention layer of the target
 CAP = 2.0  # small, so that tanh is far from linear on these logits
 TAP_IDS = [-1, 0, 1, 2]  # the last target layer (3) is never a tap (spec §4.1)
 BLOCK, MARKOV_RANK, DRAFT_LAYERS = 4, 16, 2
-ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        # proportional: floor(0.25 * 32 / 2) = 4 of 16 pairs rotate, frequencies divided by 2 (spec §4.3)
-        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0,
-                           "factor": 2.0}}
+ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    # proportional: floor(0.25 * 32 / 2) = 4 of 16 pairs rotate, frequencies divided by 2 (spec §4.3)
+    "full_attention": {
+        "rope_type": "proportional",
+        "partial_rotary_factor": 0.25,
+        "rope_theta": 1_000_000.0,
+        "factor": 2.0,
+    },
+}
 
 
 def tiny_config(k_eq_v: bool, layer_types=TARGET_LAYER_TYPES):
     """A Gemma4 text config with no per-layer input embeddings (hidden_size_per_layer_input=0), no MoE."""
     return gemma4_hf.Gemma4TextConfig(
-        vocab_size=V, hidden_size=H, intermediate_size=FFW, num_hidden_layers=len(layer_types),
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, global_head_dim=GLOBAL_HEAD_DIM,
-        num_global_key_value_heads=GLOBAL_KV_HEADS, attention_k_eq_v=k_eq_v, vocab_size_per_layer_input=V,
-        hidden_size_per_layer_input=0, sliding_window=8, final_logit_softcapping=CAP, layer_types=list(layer_types),
-        rope_parameters=json.loads(json.dumps(ROPE)), max_position_embeddings=512, attn_implementation="eager",
-        pad_token_id=0, bos_token_id=2, eos_token_id=1)
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=FFW,
+        num_hidden_layers=len(layer_types),
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        global_head_dim=GLOBAL_HEAD_DIM,
+        num_global_key_value_heads=GLOBAL_KV_HEADS,
+        attention_k_eq_v=k_eq_v,
+        vocab_size_per_layer_input=V,
+        hidden_size_per_layer_input=0,
+        sliding_window=8,
+        final_logit_softcapping=CAP,
+        layer_types=list(layer_types),
+        rope_parameters=json.loads(json.dumps(ROPE)),
+        max_position_embeddings=512,
+        attn_implementation="eager",
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
 
 
 def randomize(model, seed: int, embed_std: float | None = None):
@@ -79,12 +102,23 @@ def hf_model(k_eq_v: bool, seed: int = 0, layer_types=TARGET_LAYER_TYPES, embed_
 def draft_config_dict(target_config, **overrides) -> dict:
     """DeepSpec-style Gemma4 draft config.json: the target's text config + the §5.1 fields."""
     d = json.loads(target_config.to_json_string())
-    d.update(architectures=["Gemma4DSparkModel"], num_hidden_layers=DRAFT_LAYERS,
-             num_target_layers=target_config.num_hidden_layers, block_size=BLOCK, mask_token_id=4,
-             target_layer_ids=TAP_IDS, num_anchors=8, markov_rank=MARKOV_RANK, markov_head_type="vanilla",
-             enable_confidence_head=True, confidence_head_with_markov=True, tie_word_embeddings=False,
-             layer_types=["full_attention"] * DRAFT_LAYERS, target_model_type="gemma4_text",
-             target_text_model_type="gemma4_text")
+    d.update(
+        architectures=["Gemma4DSparkModel"],
+        num_hidden_layers=DRAFT_LAYERS,
+        num_target_layers=target_config.num_hidden_layers,
+        block_size=BLOCK,
+        mask_token_id=4,
+        target_layer_ids=TAP_IDS,
+        num_anchors=8,
+        markov_rank=MARKOV_RANK,
+        markov_head_type="vanilla",
+        enable_confidence_head=True,
+        confidence_head_with_markov=True,
+        tie_word_embeddings=False,
+        layer_types=["full_attention"] * DRAFT_LAYERS,
+        target_model_type="gemma4_text",
+        target_text_model_type="gemma4_text",
+    )
     d.update(overrides)
     return d
 
@@ -100,9 +134,11 @@ def abstract(factory):
 
 def fill(state: nnx.State, values: dict) -> nnx.State:
     """A state with host arrays: values[path as a tuple of str] where given, zeros elsewhere."""
+
     def value(path, var):
         v = var.get_value()
         return values.get(tuple(map(str, path)), np.zeros(v.shape, v.dtype))
+
     return nnx.State.from_flat_path([(p, var.replace(value(p, var))) for p, var in state.flat_state()])
 
 
@@ -134,8 +170,9 @@ def embed_and_logits(graphdef, state, tokens, last_hidden):
     b, t = tokens.shape
     c = draft.config.model
     empty = jnp.zeros((b, 0, c.num_key_value_heads, c.head_dim), jnp.float32)
-    h = draft.layers_forward(tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), [(empty, empty)] * len(draft.layers),
-                             jnp.ones((b, t, t), bool))
+    h = draft.layers_forward(
+        tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), [(empty, empty)] * len(draft.layers), jnp.ones((b, t, t), bool)
+    )
     return h, draft.base_logits(last_hidden)
 
 
@@ -146,8 +183,9 @@ def dense_block(graphdef, state, taps, anchors):
     (b, t), slots = taps.shape[:2], draft.config.block_size
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     block_pos = jnp.broadcast_to(t + jnp.arange(slots, dtype=jnp.int32), (b, slots))
-    return draft.layers_forward(draft.block_inputs(anchors), block_pos, draft.context_kv(taps, positions),
-                                jnp.ones((b, slots, t + slots), bool))
+    return draft.layers_forward(
+        draft.block_inputs(anchors), block_pos, draft.context_kv(taps, positions), jnp.ones((b, slots, t + slots), bool)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- configs
@@ -170,15 +208,18 @@ def test_config_from_both_global_head_dim_layouts():
         assert f32_config(cfg.to_hf_dict()) == cfg
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(hidden_size_per_layer_input=256), "per-layer input"),
-    (dict(enable_moe_block=True), "enable_moe_block"),
-    (dict(attention_bias=True), "attention_bias"),
-    (dict(hidden_activation="swish"), "hidden_activation"),
-    (dict(per_layer_config={"1": {"head_dim": 32}, "3": {"head_dim": 64}}), "per_layer_config"),
-    (dict(per_layer_config=None), "global_head_dim"),
-    (dict(rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 1e6}}), "rope_type"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(hidden_size_per_layer_input=256), "per-layer input"),
+        (dict(enable_moe_block=True), "enable_moe_block"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(hidden_activation="swish"), "hidden_activation"),
+        (dict(per_layer_config={"1": {"head_dim": 32}, "3": {"head_dim": 64}}), "per_layer_config"),
+        (dict(per_layer_config=None), "global_head_dim"),
+        (dict(rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 1e6}}), "rope_type"),
+    ],
+)
 def test_config_refuses_unsupported_gemma4_targets(change, words):
     d = draft_config_dict(tiny_config(True), **change)
     with pytest.raises(UsageError, match=words):
@@ -188,7 +229,8 @@ def test_config_refuses_unsupported_gemma4_targets(change, words):
 def test_rope_frequencies_match_transformers():
     model = hf_model(True)
     ours = jax.jit(gemma4_rope_frequencies, static_argnums=(0, 1, 2, 3, 4))(
-        GLOBAL_HEAD_DIM, 1_000_000.0, "proportional", 0.25, 2.0)
+        GLOBAL_HEAD_DIM, 1_000_000.0, "proportional", 0.25, 2.0
+    )
     theirs = model.model.rotary_emb.full_attention_inv_freq.numpy()
     assert rel_err(ours, theirs) < 1e-6
     assert np.count_nonzero(np.asarray(ours)) == 4  # floor(0.25 * 32 / 2) rotated pairs
@@ -220,13 +262,15 @@ def test_layer_matches_hf_full_attention_layer(k_eq_v):
         cos_sin = model.model.rotary_emb(xt, pt, "full_attention")
         mask = torch.where(torch.as_tensor(np.array(visible))[:, None], 0.0, torch.finfo(torch.float32).min)
         with torch.no_grad():
-            return hf_layer(xt, None, shared_kv_states={}, position_embeddings=cos_sin, attention_mask=mask,
-                            position_ids=pt).numpy()
+            return hf_layer(
+                xt, None, shared_kv_states={}, position_embeddings=cos_sin, attention_mask=mask, position_ids=pt
+            ).numpy()
 
     # (a) no context, causal mask
     causal = np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, t, t))
-    ours = layer_with_context(graphdef, state, x, pos, np.zeros((b, 0, H), np.float32), np.zeros((b, 0), np.int32),
-                              causal)
+    ours = layer_with_context(
+        graphdef, state, x, pos, np.zeros((b, 0, H), np.float32), np.zeros((b, 0), np.int32), causal
+    )
     assert rel_err(ours, hf(x, pos, causal)) < TOL
 
     # (b) context rows injected as keys/values. HF sees rows u through input_layernorm, the draft sees the projected
@@ -235,8 +279,15 @@ def test_layer_matches_hf_full_attention_layer(k_eq_v):
         c = hf_layer.input_layernorm(torch.as_tensor(u)).numpy()
     ctx_visible = np.arange(s)[None, None, :] < np.array([3, 5])[:, None, None]  # row 0 sees 3 context rows, row 1 all
     block_mask = np.concatenate([np.broadcast_to(ctx_visible, (b, t, s)), np.ones((b, t, t), bool)], axis=-1)
-    full_mask = np.concatenate([np.concatenate([np.broadcast_to(np.tril(np.ones((s, s), bool)), (b, s, s)),
-                                                np.zeros((b, s, t), bool)], axis=-1), block_mask], axis=1)
+    full_mask = np.concatenate(
+        [
+            np.concatenate(
+                [np.broadcast_to(np.tril(np.ones((s, s), bool)), (b, s, s)), np.zeros((b, s, t), bool)], axis=-1
+            ),
+            block_mask,
+        ],
+        axis=1,
+    )
     theirs = hf(np.concatenate([u, x], 1), np.concatenate([ctx_pos, pos], 1), full_mask)[:, s:]
     ours = layer_with_context(graphdef, state, x, pos, c, ctx_pos, block_mask)
     assert rel_err(ours, theirs) < TOL
@@ -248,7 +299,7 @@ def test_layer_matches_hf_full_attention_layer(k_eq_v):
 @pytest.mark.parametrize("hidden", [48, 64, 3072, 3840])
 def test_embed_scale_rounds_like_transformers(hidden):
     for jdt, tdt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        theirs = torch.tensor(hidden ** 0.5).to(tdt).float().item()
+        theirs = torch.tensor(hidden**0.5).to(tdt).float().item()
         assert float(embed_scale(hidden, jdt)) == theirs
 
 
@@ -267,8 +318,11 @@ def test_embedding_and_softcapped_logits_match_hf():
     config = f32_config(draft_config_dict(model.config))
     graphdef, state = abstract(lambda: Draft(config, rngs=nnx.Rngs(0)))
     # every other weight is zero, which makes each layer the identity: h = norm(embedding) (layer_scalar = 1)
-    values = {("embed_tokens",): table, ("lm_head",): model.lm_head.weight.detach().numpy().T,
-              ("norm", "weight"): model.model.norm.weight.detach().numpy()}
+    values = {
+        ("embed_tokens",): table,
+        ("lm_head",): model.lm_head.weight.detach().numpy().T,
+        ("norm", "weight"): model.model.norm.weight.detach().numpy(),
+    }
     values.update({("layers", str(i), "layer_scalar"): np.ones(1, np.float32) for i in range(DRAFT_LAYERS)})
     h, base = embed_and_logits(graphdef, fill(state, values), ids.astype(np.int32), hs_last)
     with torch.no_grad():
@@ -286,19 +340,21 @@ def write_draft_checkpoint(folder, target, k_eq_v: bool, seed: int = 3) -> dict:
 
     layers_src = hf_model(k_eq_v, seed=seed, layer_types=("full_attention",) * DRAFT_LAYERS)
     g = torch.Generator().manual_seed(seed)
-    tensors = {k[len("model."):]: v for k, v in layers_src.state_dict().items() if k.startswith("model.layers.")}
+    tensors = {k[len("model.") :]: v for k, v in layers_src.state_dict().items() if k.startswith("model.layers.")}
     m = len(TAP_IDS)
-    tensors.update({
-        "embed_tokens.weight": target.model.embed_tokens.weight.detach(),
-        "lm_head.weight": target.lm_head.weight.detach(),  # the target ties them; the draft stores two copies
-        "fc.weight": 0.05 * torch.randn((H, m * H), generator=g),
-        "hidden_norm.weight": 1.0 + 0.3 * torch.randn((H,), generator=g),
-        "norm.weight": 1.0 + 0.3 * torch.randn((H,), generator=g),
-        "markov_head.markov_w1.weight": 0.5 * torch.randn((V, MARKOV_RANK), generator=g),
-        "markov_head.markov_w2.weight": 0.5 * torch.randn((V, MARKOV_RANK), generator=g),
-        "confidence_head.proj.weight": 0.1 * torch.randn((1, H + MARKOV_RANK), generator=g),
-        "confidence_head.proj.bias": torch.tensor([0.3]),
-    })
+    tensors.update(
+        {
+            "embed_tokens.weight": target.model.embed_tokens.weight.detach(),
+            "lm_head.weight": target.lm_head.weight.detach(),  # the target ties them; the draft stores two copies
+            "fc.weight": 0.05 * torch.randn((H, m * H), generator=g),
+            "hidden_norm.weight": 1.0 + 0.3 * torch.randn((H,), generator=g),
+            "norm.weight": 1.0 + 0.3 * torch.randn((H,), generator=g),
+            "markov_head.markov_w1.weight": 0.5 * torch.randn((V, MARKOV_RANK), generator=g),
+            "markov_head.markov_w2.weight": 0.5 * torch.randn((V, MARKOV_RANK), generator=g),
+            "confidence_head.proj.weight": 0.1 * torch.randn((1, H + MARKOV_RANK), generator=g),
+            "confidence_head.proj.bias": torch.tensor([0.3]),
+        }
+    )
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in tensors.items()}
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))
@@ -340,7 +396,7 @@ def test_draft_from_checkpoint_runs_on_hf_target_features(tmp_path, k_eq_v):
 
     # a batch equals its rows run one by one
     for i in range(b):
-        row, _ = handle.propose(taps[i:i + 1], anchors[i:i + 1])
+        row, _ = handle.propose(taps[i : i + 1], anchors[i : i + 1])
         assert np.array_equal(np.asarray(row.tokens[0]), np.asarray(prop.tokens[i]))
         assert rel_err(row.logits[0], prop.logits[i]) < TOL
         assert rel_err(row.confidence_logits[0], prop.confidence_logits[i]) < TOL

@@ -12,10 +12,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from test_qwen3 import NEW_TOKENS, build_pair, hf_greedy  # noqa: E402
+
 import dspark_jax as dj  # noqa: E402
 import dspark_jax.generate as cli  # noqa: E402
 from dspark_jax.errors import DSparkError, UsageError  # noqa: E402
-from test_qwen3 import NEW_TOKENS, build_pair, hf_greedy  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT = [3, 17, 101, 5, 64, 9]
@@ -33,8 +34,19 @@ def _run(argv, capsys):
 
 
 def test_cli_no_draft_json_matches_transformers(pair, capsys):
-    code, out, err = _run(["--target", pair.folder, "--no-draft", "--prompt-ids", ",".join(map(str, PROMPT)),
-                           "--max-new-tokens", str(NEW_TOKENS), "--json"], capsys)
+    code, out, err = _run(
+        [
+            "--target",
+            pair.folder,
+            "--no-draft",
+            "--prompt-ids",
+            ",".join(map(str, PROMPT)),
+            "--max-new-tokens",
+            str(NEW_TOKENS),
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads(out)  # exactly one JSON object on stdout
     (row,) = report["prompts"]
@@ -53,8 +65,10 @@ def test_cli_no_draft_json_matches_transformers(pair, capsys):
 def test_cli_prompts_file_and_human_output(pair, tmp_path, capsys):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt_ids": PROMPT}) + "\n\n")
-    code, out, err = _run(["--target", pair.folder, "--no-draft", "--prompts-file", str(path),
-                           "--max-new-tokens", str(NEW_TOKENS)], capsys)
+    code, out, err = _run(
+        ["--target", pair.folder, "--no-draft", "--prompts-file", str(path), "--max-new-tokens", str(NEW_TOKENS)],
+        capsys,
+    )
     assert code == 0, err
     assert " ".join(map(str, hf_greedy(pair.model, PROMPT))) in out and "tok/s" in out
 
@@ -77,8 +91,9 @@ API_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, needle", API_ERRORS, ids=[f"{next(iter(k))}-{i}" for i, (k, _) in
-                                                             enumerate(API_ERRORS)])
+@pytest.mark.parametrize(
+    "kwargs, needle", API_ERRORS, ids=[f"{next(iter(k))}-{i}" for i, (k, _) in enumerate(API_ERRORS)]
+)
 def test_generate_api_bad_input_is_one_line_usage_error(pair, kwargs, needle):
     kwargs = {"prompts": [PROMPT], "max_new_tokens": 4, **kwargs}
     with pytest.raises(UsageError) as info:
@@ -118,8 +133,9 @@ CLI_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("argv, needle", CLI_ERRORS, ids=[f"{i}-{n.strip('-')[:12]}" for i, (_, n) in
-                                                          enumerate(CLI_ERRORS)])
+@pytest.mark.parametrize(
+    "argv, needle", CLI_ERRORS, ids=[f"{i}-{n.strip('-')[:12]}" for i, (_, n) in enumerate(CLI_ERRORS)]
+)
 def test_generate_cli_bad_input_exits_2_with_one_line(pair, tmp_path, capsys, argv, needle):
     argv = [_truncated_copy(pair, tmp_path) if a is None else a for a in argv]
     if "BADFILE" in argv:
@@ -140,9 +156,24 @@ def test_generate_cli_bad_input_exits_2_with_one_line(pair, tmp_path, capsys, ar
 
 
 def test_generate_cli_subprocess_error_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "dspark_jax.generate", "--target", "/nonexistent/qwen3",
-                           "--no-draft", "--prompt-ids", "1,2", "--json"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dspark_jax.generate",
+            "--target",
+            "/nonexistent/qwen3",
+            "--no-draft",
+            "--prompt-ids",
+            "1,2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stdout == ""
@@ -155,4 +186,5 @@ def test_dspark_error_is_the_base():
 def test_importing_the_cli_keeps_dj_generate_callable(pair):
     # `import dspark_jax.generate` (above) rebinds the package attribute to the CLI module; it must still generate.
     assert dj.generate(pair.target, None, prompts=[PROMPT], max_new_tokens=NEW_TOKENS).tokens == [
-        hf_greedy(pair.model, PROMPT)]
+        hf_greedy(pair.model, PROMPT)
+    ]

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import GOLDENS, tiny_qwen3_hf
+
 from dspark_jax.generate import main
 
 RNN = GOLDENS / "rnn"
@@ -42,10 +42,20 @@ def assert_usage_error(capsys, argv, *needles):
 def test_happy_path_compare_json(capsys, goldens, prompt_ids):
     # The rnn goldens' distilled pair with the goldens' prompt and length: the loop compiled for test_loop.py is
     # reused, and the output must be the golden loop.
-    argv = ["--target", str(RNN / "target"), "--draft", str(RNN / "draft_distilled"), "--prompt-ids", prompt_ids,
-            "--max-new-tokens", "48", "--compare", "--json"]
+    argv = [
+        "--target",
+        str(RNN / "target"),
+        "--draft",
+        str(RNN / "draft_distilled"),
+        "--prompt-ids",
+        prompt_ids,
+        "--max-new-tokens",
+        "48",
+        "--compare",
+        "--json",
+    ]
     assert main(argv) == 0
-    out, err = capsys.readouterr()
+    out, _ = capsys.readouterr()
     result = json.loads(out)  # exactly one JSON object on stdout
     assert set(result) == JSON_KEYS
     (row,) = result["prompts"]
@@ -63,37 +73,69 @@ def test_happy_path_compare_json(capsys, goldens, prompt_ids):
     json.dumps(result["config"])
 
 
-@pytest.mark.parametrize("verify, needle", [("threshold:2", "threshold"), ("bogus", "bogus"),
-                                            ("threshold:x", "threshold")])
+@pytest.mark.parametrize(
+    "verify, needle", [("threshold:2", "threshold"), ("bogus", "bogus"), ("threshold:x", "threshold")]
+)
 def test_bad_verify_flag(capsys, verify, needle):
-    assert_usage_error(capsys, ["--target", str(RNN / "target"), "--draft", str(RNN / "draft"),
-                                "--prompt-ids", "1,2", "--verify", verify], needle)
+    assert_usage_error(
+        capsys,
+        ["--target", str(RNN / "target"), "--draft", str(RNN / "draft"), "--prompt-ids", "1,2", "--verify", verify],
+        needle,
+    )
 
 
 def test_unknown_draft_path(capsys, tmp_path):
     missing = str(tmp_path / "no_such_draft")
-    assert_usage_error(capsys, ["--target", str(RNN / "target"), "--draft", missing, "--prompt-ids", "1,2"],
-                       "no_such_draft")
+    assert_usage_error(
+        capsys, ["--target", str(RNN / "target"), "--draft", missing, "--prompt-ids", "1,2"], "no_such_draft"
+    )
 
 
 def test_draft_for_another_target(capsys, tmp_path):
     folder, _ = tiny_qwen3_hf(tmp_path, vocab=128, hidden=32, heads=4, kv_heads=2, head_dim=8, ffw=64)
-    assert_usage_error(capsys, ["--target", str(folder), "--draft", MARKOV_DRAFT, "--prompt-ids", "1,2"],
-                       "another target")
+    assert_usage_error(
+        capsys, ["--target", str(folder), "--draft", MARKOV_DRAFT, "--prompt-ids", "1,2"], "another target"
+    )
 
 
 def test_threshold_needs_a_confidence_head(capsys):
     # dflash drafts have no confidence head (spec §4.9): threshold:X is refused before anything is generated.
-    assert_usage_error(capsys, ["--target", str(GOLDENS / "dflash" / "target"), "--draft",
-                                str(GOLDENS / "dflash" / "draft"), "--prompt-ids", "1,2", "--verify",
-                                "threshold:0.5"], "confidence head")
+    assert_usage_error(
+        capsys,
+        [
+            "--target",
+            str(GOLDENS / "dflash" / "target"),
+            "--draft",
+            str(GOLDENS / "dflash" / "draft"),
+            "--prompt-ids",
+            "1,2",
+            "--verify",
+            "threshold:0.5",
+        ],
+        "confidence head",
+    )
 
 
 def test_bad_input_in_a_real_process():
     """The same contract end to end in a fresh interpreter: exit 2, one stderr line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "dspark_jax.generate", "--target", str(RNN / "target"), "--draft",
-                           MARKOV_DRAFT + "_missing", "--prompt-ids", "1,2"], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dspark_jax.generate",
+            "--target",
+            str(RNN / "target"),
+            "--draft",
+            MARKOV_DRAFT + "_missing",
+            "--prompt-ids",
+            "1,2",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()

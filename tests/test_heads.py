@@ -5,9 +5,9 @@ end; the gated head has no goldens)."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 from flax import nnx
 
-from conftest import rel_err
 from dspark_jax.models.heads import ConfidenceHead, MarkovHead
 
 VOCAB, HIDDEN, RANK = 32, 12, 6
@@ -22,17 +22,23 @@ def make_head(kind: str) -> tuple[MarkovHead, dict]:
     head = MarkovHead(VOCAB, HIDDEN, RANK, kind, param_dtype="float32", rngs=nnx.Rngs(0))
     rng = np.random.default_rng({"vanilla": 0, "gated": 1, "rnn": 2}[kind])
     flat = list(nnx.state(head).flat_state())
-    params = {".".join(map(str, path)): rng.normal(size=var.get_value().shape).astype(np.float32)
-              for path, var in flat}
-    nnx.update(head, nnx.State.from_flat_path([(path, var.replace(jnp.asarray(params[".".join(map(str, path))])))
-                                               for path, var in flat]))
+    params = {".".join(map(str, path)): rng.normal(size=var.get_value().shape).astype(np.float32) for path, var in flat}
+    nnx.update(
+        head,
+        nnx.State.from_flat_path(
+            [(path, var.replace(jnp.asarray(params[".".join(map(str, path))]))) for path, var in flat]
+        ),
+    )
     return head, params
 
 
 def inputs(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, HIDDEN)).astype(np.float32), rng.integers(0, VOCAB, size=n),
-            rng.normal(size=(n, RANK)).astype(np.float32))
+    return (
+        rng.normal(size=(n, HIDDEN)).astype(np.float32),
+        rng.integers(0, VOCAB, size=n),
+        rng.normal(size=(n, RANK)).astype(np.float32),
+    )
 
 
 def test_vanilla_bias_is_e2_of_e1_row():
@@ -71,12 +77,12 @@ def test_rnn_recurrence_and_row_order():
     jstate = head.init_state((1,))
     np.testing.assert_array_equal(np.asarray(jstate), state)
     for j in range(3):  # three slots of one block, left to right
-        e1 = p["markov_w1"][prev[j:j + 1]]
-        x = np.concatenate([state, e1, h[j:j + 1]], -1) @ p["joint_proj.weight"] + p["joint_proj.bias"]
+        e1 = p["markov_w1"][prev[j : j + 1]]
+        x = np.concatenate([state, e1, h[j : j + 1]], -1) @ p["joint_proj.weight"] + p["joint_proj.bias"]
         g, c, o = np.split(x, 3, -1)
         state = sigmoid(g) * state + (1 - sigmoid(g)) * np.tanh(c)
         want = np.tanh(o) @ p["markov_w2"]
-        beta, jstate = head.bias(jnp.asarray(h[j:j + 1]), head.embed_prev(jnp.asarray(prev[j:j + 1])), jstate)
+        beta, jstate = head.bias(jnp.asarray(h[j : j + 1]), head.embed_prev(jnp.asarray(prev[j : j + 1])), jstate)
         assert rel_err(beta, want) <= 1e-5 and rel_err(jstate, state) <= 1e-5
 
 

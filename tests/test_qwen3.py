@@ -14,16 +14,18 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import dspark_jax as dj  # noqa: E402
 from conftest import rel_err, tiny_qwen3_hf  # noqa: E402
+
+import dspark_jax as dj  # noqa: E402
 
 TOL = 1e-5
 # GQA ratios 1, 2 and 4; tied and untied; the last one also with linear RoPE scaling.
 CONFIGS = {
     "gqa1_untied": dict(heads=4, kv_heads=4, head_dim=16, seed=1),
     "gqa2_tied": dict(heads=4, kv_heads=2, head_dim=16, tied=True, seed=2),
-    "gqa4_untied_linear_rope": dict(heads=8, kv_heads=2, head_dim=8, seed=3,
-                                    rope={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    "gqa4_untied_linear_rope": dict(
+        heads=8, kv_heads=2, head_dim=8, seed=3, rope={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    ),
 }
 NEW_TOKENS = 32
 
@@ -39,8 +41,9 @@ def build_pair(tmp_path, name: str, **kw):
         cfg["rope_parameters"] = rope
         path.write_text(json.dumps(cfg))
         model = transformers.Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return types.SimpleNamespace(name=name, folder=str(folder), model=model,
-                                 target=dj.load_target(str(folder), dtype="float32"))
+    return types.SimpleNamespace(
+        name=name, folder=str(folder), model=model, target=dj.load_target(str(folder), dtype="float32")
+    )
 
 
 def hf_forward(model, tokens):
@@ -63,9 +66,10 @@ def hf_forward(model, tokens):
 def hf_greedy(model, prompt, new_tokens=NEW_TOKENS):
     ids = torch.tensor([prompt], dtype=torch.long)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -133,4 +137,3 @@ def test_greedy_generate_matches_transformers(pair):
     assert [len(t) for t in result.tokens] == [NEW_TOKENS] * 3
     # Plain decoding: every round commits exactly the target's token.
     assert all(set(a) == {1} for a in result.acceptance_lengths)
-

@@ -37,10 +37,21 @@ from dspark_jax.errors import DSparkError, UsageError
 torch.set_num_threads(1)
 
 TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -121,7 +132,7 @@ def test_written_layout_is_aligned_sorted_contiguous(tmp_path):
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert n % 8 == 0
-    header_text = raw[8:8 + n].decode()
+    header_text = raw[8 : 8 + n].decode()
     assert header_text.rstrip(" ").endswith("}") and len(header_text) - len(header_text.rstrip(" ")) < 8
     header = json.loads(header_text)
     names = [k for k in header if k != "__metadata__"]
@@ -192,8 +203,10 @@ def test_official_library_reads_our_files(tmp_path):
 
 def test_we_read_official_numpy_files(tmp_path):
     rng = np.random.default_rng(1)
-    tensors = {f"n.{name}": random_array(rng, DTYPES[name], (4, 2, 3))
-               for name in ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL")}
+    tensors = {
+        f"n.{name}": random_array(rng, DTYPES[name], (4, 2, 3))
+        for name in ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+    }
     (tmp_path / "ck").mkdir()
     safetensors.numpy.save_file(tensors, str(tmp_path / "ck" / "model.safetensors"), metadata={"a": "b"})
     with open_checkpoint(str(tmp_path / "ck")) as r:
@@ -241,8 +254,9 @@ def make_sharded(folder, shards: dict[str, dict[str, np.ndarray]], weight_map=No
 def test_sharded_folder(tmp_path):
     a = {"model.embed_tokens.weight": np.arange(12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)}
     b = {"model.norm.weight": np.ones(4, ml_dtypes.bfloat16), "lm_head.weight": np.full((3, 4), 2, np.float32)}
-    folder = make_sharded(tmp_path / "ck", {"model-00001-of-00002.safetensors": a,
-                                           "model-00002-of-00002.safetensors": b})
+    folder = make_sharded(
+        tmp_path / "ck", {"model-00001-of-00002.safetensors": a, "model-00002-of-00002.safetensors": b}
+    )
     (folder / "pytorch_model.bin").write_bytes(b"ignored when safetensors exist")
     with open_checkpoint(str(folder)) as r:
         assert r.keys() == sorted({**a, **b})
@@ -330,7 +344,8 @@ def test_file_truncated_after_open(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kind", ["garbage", "bad_json", "huge_length", "length_past_end", "too_short", "not_object", "duplicate_name"])
+    "kind", ["garbage", "bad_json", "huge_length", "length_past_end", "too_short", "not_object", "duplicate_name"]
+)
 def test_corrupt_header(tmp_path, kind):
     if kind == "garbage":
         data = b"this is certainly not a safetensors file" * 4
@@ -372,34 +387,45 @@ def test_unknown_dtype(tmp_path):
 
 
 def test_index_points_at_missing_shard(tmp_path):
-    folder = make_sharded(tmp_path / "ck", {"model-00001-of-00002.safetensors": {"a": np.zeros(2, np.float32)}},
-                          weight_map={"a": "model-00001-of-00002.safetensors",
-                                      "b": "model-00002-of-00002.safetensors"})
+    folder = make_sharded(
+        tmp_path / "ck",
+        {"model-00001-of-00002.safetensors": {"a": np.zeros(2, np.float32)}},
+        weight_map={"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    )
     with pytest.raises(DSparkError) as e:
         open_checkpoint(str(folder))
     one_line_error(e, "model-00002-of-00002.safetensors", "missing")
 
 
 def test_index_shard_outside_folder_refused(tmp_path):
-    folder = make_sharded(tmp_path / "ck", {"a.safetensors": {"a": np.zeros(2, np.float32)}},
-                          weight_map={"a": "../a.safetensors"})
+    folder = make_sharded(
+        tmp_path / "ck", {"a.safetensors": {"a": np.zeros(2, np.float32)}}, weight_map={"a": "../a.safetensors"}
+    )
     with pytest.raises(DSparkError) as e:
         open_checkpoint(str(folder))
     one_line_error(e, "../a.safetensors", "plain file name")
 
 
 def test_duplicate_key_across_shards(tmp_path):
-    folder = make_sharded(tmp_path / "ck", {"s1.safetensors": {"w": np.zeros(2, np.float32)},
-                                           "s2.safetensors": {"w": np.ones(2, np.float32), "v": np.ones(1)}},
-                          weight_map={"w": "s1.safetensors", "v": "s2.safetensors"})
+    folder = make_sharded(
+        tmp_path / "ck",
+        {
+            "s1.safetensors": {"w": np.zeros(2, np.float32)},
+            "s2.safetensors": {"w": np.ones(2, np.float32), "v": np.ones(1)},
+        },
+        weight_map={"w": "s1.safetensors", "v": "s2.safetensors"},
+    )
     with pytest.raises(DSparkError) as e:
         open_checkpoint(str(folder))
     one_line_error(e, "'w'", "two shards", "s1.safetensors", "s2.safetensors")
 
 
 def test_stale_index(tmp_path):
-    folder = make_sharded(tmp_path / "ck", {"s1.safetensors": {"w": np.zeros(2, np.float32)}},
-                          weight_map={"w": "s1.safetensors", "gone": "s1.safetensors"})
+    folder = make_sharded(
+        tmp_path / "ck",
+        {"s1.safetensors": {"w": np.zeros(2, np.float32)}},
+        weight_map={"w": "s1.safetensors", "gone": "s1.safetensors"},
+    )
     with pytest.raises(DSparkError) as e:
         open_checkpoint(str(folder))
     one_line_error(e, "'gone'", "no shard")
@@ -440,8 +466,10 @@ def test_read_touches_only_its_own_bytes(tmp_path):
 def test_reading_small_tensor_from_huge_file_allocates_little(tmp_path):
     # A 256 MiB tensor region stored as a sparse hole: opening and reading the small tensor must not pull it in.
     big = 2**26  # float32 elements = 256 MiB
-    header = {"small": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-              "big": {"dtype": "F32", "shape": [big], "data_offsets": [16, 16 + 4 * big]}}
+    header = {
+        "small": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "big": {"dtype": "F32", "shape": [big], "data_offsets": [16, 16 + 4 * big]},
+    }
     body = json.dumps(header).encode()
     body += b" " * (-len(body) % 8)
     path = tmp_path / "model.safetensors"
@@ -474,8 +502,11 @@ SIZES = {"4b": (2560, 36, 32, 9728, True), "8b": (4096, 36, 32, 12288, False), "
 
 
 def test_manifest_names():
-    expected = {f"{kind}qwen3-{s}{suffix}" for s in SIZES
-                for kind, suffix in (("", ""), ("dspark-", "-block7"), ("dflash-", "-block7"))}
+    expected = {
+        f"{kind}qwen3-{s}{suffix}"
+        for s in SIZES
+        for kind, suffix in (("", ""), ("dspark-", "-block7"), ("dflash-", "-block7"))
+    }
     assert set(list_manifests()) == expected
     with pytest.raises(UsageError) as e:
         load_manifest("qwen3-70b")
@@ -519,8 +550,12 @@ def test_draft_manifests(size):
     dspark, dflash = load_manifest(f"dspark-qwen3-{size}-block7"), load_manifest(f"dflash-qwen3-{size}-block7")
     s, f = manifest_specs(dspark), manifest_specs(dflash)
     assert len(s) == 1 + 5 * 11 + 1 + 1 + 1 + 1 + 2 + 2 == 64
-    assert set(s) - set(f) == {"markov_head.markov_w1.weight", "markov_head.markov_w2.weight",
-                               "confidence_head.proj.weight", "confidence_head.proj.bias"}
+    assert set(s) - set(f) == {
+        "markov_head.markov_w1.weight",
+        "markov_head.markov_w2.weight",
+        "confidence_head.proj.weight",
+        "confidence_head.proj.bias",
+    }
     assert set(f) <= set(s) and len(f) == 60
     assert s["fc.weight"] == ((h, 5 * h), "BF16")
     assert s["markov_head.markov_w1.weight"] == ((151936, 256), "BF16")
@@ -560,7 +595,11 @@ def test_write_manifest_round_trip(tmp_path):
     tensors = {"embed_tokens.weight": np.zeros((6, 4), ml_dtypes.bfloat16), "norm.weight": np.ones(4, np.float32)}
     with open_checkpoint(str(write_single(tmp_path / "ck", tensors))) as r:
         manifest = write_manifest(r, {"hidden_size": 4})
-    assert manifest == {"config": {"hidden_size": 4},
-                        "tensors": {"embed_tokens.weight": {"shape": [6, 4], "dtype": "BF16"},
-                                    "norm.weight": {"shape": [4], "dtype": "F32"}}}
+    assert manifest == {
+        "config": {"hidden_size": 4},
+        "tensors": {
+            "embed_tokens.weight": {"shape": [6, 4], "dtype": "BF16"},
+            "norm.weight": {"shape": [4], "dtype": "F32"},
+        },
+    }
     assert json.loads(json.dumps(manifest)) == manifest

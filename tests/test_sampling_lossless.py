@@ -10,14 +10,13 @@ same test.
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import dspark_jax as dj
 from conftest import tiny_qwen3_hf
 from draft_factory import random_draft
+
+import dspark_jax as dj
 from dspark_jax import ops
 from dspark_jax.configs import SamplingConfig
 from dspark_jax.decoding import loop
@@ -111,8 +110,17 @@ def test_chi2_fallback_matches_scipy():
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    folder, _ = tiny_qwen3_hf(tmp_path_factory.mktemp("sampling_target"), vocab=VOCAB, hidden=32, layers=2,
-                              heads=4, kv_heads=2, head_dim=8, ffw=64, seed=7)
+    folder, _ = tiny_qwen3_hf(
+        tmp_path_factory.mktemp("sampling_target"),
+        vocab=VOCAB,
+        hidden=32,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=8,
+        ffw=64,
+        seed=7,
+    )
     t = dj.load_target(str(folder), dtype="float32")
     model = t.module()
     model.lm_head[...] = model.lm_head[...] * LOGIT_SCALE
@@ -137,7 +145,7 @@ def laws(target):
     n = len(PROMPT)
     out = {}
     for name, sampling in SETTINGS.items():
-        probs = np.asarray(probabilities(logits[:, n - 1:n + 2], sampling), np.float64)  # [256, 3, vocab]
+        probs = np.asarray(probabilities(logits[:, n - 1 : n + 2], sampling), np.float64)  # [256, 3, vocab]
         p1 = probs[0, 0]
         p2 = probs[::VOCAB, 1]  # rows with x2 = 0: the law of x2 given x1
         p3 = probs[:, 2].reshape(VOCAB, VOCAB, VOCAB)
@@ -149,8 +157,12 @@ def laws(target):
 def sample(target, draft, sampling: SamplingConfig, prompts=None, seeds=SEEDS):
     """i32[len(seeds) * BATCH, NEW] first tokens, plus the per-seed results."""
     prompts = prompts or [PROMPT] * BATCH
-    results = [dj.generate(target, draft, prompts, max_new_tokens=NEW, temperature=sampling.temperature,
-                           top_p=sampling.top_p, seed=s) for s in seeds]
+    results = [
+        dj.generate(
+            target, draft, prompts, max_new_tokens=NEW, temperature=sampling.temperature, top_p=sampling.top_p, seed=s
+        )
+        for s in seeds
+    ]
     tokens = np.array([t for r in results for t in r.tokens])
     assert tokens.shape == (len(seeds) * len(prompts), NEW)
     return tokens, results
@@ -168,9 +180,11 @@ def test_sampling_matches_target_law(target, draft, laws, setting, capsys):
     p_spec = chi_square(spec, laws[setting])
     acc = [a for r in results for row in r.acceptance_lengths for a in row]
     with capsys.disabled():
-        print(f"\n[{setting}] plain chi2={p_plain[0]:.1f} dof={p_plain[1]} p={p_plain[2]:.3g} | "
-              f"spec chi2={p_spec[0]:.1f} dof={p_spec[1]} p={p_spec[2]:.3g} | "
-              f"accepted-length histogram {np.bincount(acc).tolist()}")
+        print(
+            f"\n[{setting}] plain chi2={p_plain[0]:.1f} dof={p_plain[1]} p={p_plain[2]:.3g} | "
+            f"spec chi2={p_spec[0]:.1f} dof={p_spec[1]} p={p_spec[2]:.3g} | "
+            f"accepted-length histogram {np.bincount(acc).tolist()}"
+        )
     assert p_plain[2] > MIN_P, p_plain
     assert p_spec[2] > MIN_P, p_spec
     # Both branches of the rule ran often: rejections with a residual draw and fully accepted prefixes.
@@ -203,8 +217,9 @@ def test_broken_residual_is_rejected(target, draft, laws, monkeypatch, capsys):
     real = ops.accept_chain
 
     def broken(draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl="auto"):
-        accepted, _ = real(draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms,
-                           impl=impl)
+        accepted, _ = real(
+            draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl=impl
+        )
         pi_a = target_probs[jnp.arange(target_probs.shape[0]), accepted]
         return accepted, inverse_cdf(pi_a, residual_uniforms)
 

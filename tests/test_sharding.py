@@ -22,9 +22,16 @@ def test_parse_and_make_mesh():
     assert mesh.axis_names == ("data", "model", "expert") and dict(mesh.shape) == {"data": 1, "model": 4, "expert": 1}
 
 
-@pytest.mark.parametrize("text, needle", [("tensor=2", "mesh axis must be one of"), ("model=0", "positive"),
-                                          ("model=two", "positive"), ("model=8", "needs 8 devices"),
-                                          ("data=2,model=4", "needs 8 devices")])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("tensor=2", "mesh axis must be one of"),
+        ("model=0", "positive"),
+        ("model=two", "positive"),
+        ("model=8", "needs 8 devices"),
+        ("data=2,model=4", "needs 8 devices"),
+    ],
+)
 def test_bad_mesh_is_one_line(text, needle):
     with pytest.raises(UsageError) as info:
         make_mesh(text)
@@ -51,9 +58,10 @@ def test_logical_rules():
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import dspark_jax as dj  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from test_qwen3 import TOL, build_pair, hf_forward, hf_greedy  # noqa: E402
+
+import dspark_jax as dj  # noqa: E402
 
 EXPECTED_SPECS = {  # param path -> spec on a mesh with a 'model' axis (default ShardingRules)
     ("embed_tokens",): P("model", None),
@@ -122,10 +130,14 @@ def test_full_size_shardings_without_weights(name):
         for path, var in abstract.flat_state():
             sharding = flat[path].get_value()
             shape = var.get_value().shape
-            assert all(size % (sharding.mesh.shape[axis] if axis else 1) == 0
-                       for size, axis in zip(shape, tuple(sharding.spec) + (None,) * len(shape))), path
+            assert all(
+                size % (sharding.mesh.shape[axis] if axis else 1) == 0
+                for size, axis in zip(shape, tuple(sharding.spec) + (None,) * len(shape))
+            ), path
         # The biggest param (embedding) really splits: each device holds 1/model of the vocabulary rows.
         embed = flat[("embed_tokens",)].get_value()
         model_size = embed.mesh.shape["model"]
-        assert embed.shard_shape((config.vocab_size, config.hidden_size)) == (config.vocab_size // model_size,
-                                                                              config.hidden_size)
+        assert embed.shard_shape((config.vocab_size, config.hidden_size)) == (
+            config.vocab_size // model_size,
+            config.hidden_size,
+        )

@@ -18,10 +18,10 @@ from conversion.keymaps import KEYMAPS
 from conversion.reader import open_checkpoint
 from conversion.transforms import TRANSFORMS
 from dspark_jax.models import Draft
+from dspark_jax.train import build_parser, main
 from dspark_jax.training import data, forward, losses
 from dspark_jax.training.config import TrainConfig
 from dspark_jax.training.step import OptimizerConfig, init_train_state, lr_schedule, split_trainable
-from dspark_jax.train import build_parser, main
 
 VARIANTS = ("markov", "rnn", "dflash")
 
@@ -38,10 +38,14 @@ def golden(request):
     model = draft.module()
     c = draft.config
     tokens = jnp.asarray(g["train_input_ids"][None], jnp.int32)
-    blocks = data.build_blocks(tokens, jnp.asarray(g["train_loss_mask"][None]),
-                               jnp.asarray(g["train_anchor_positions"][None], jnp.int32),
-                               jnp.asarray(g["train_block_keep"][None]), block_size=c.block_size,
-                               mask_token_id=c.mask_token_id)
+    blocks = data.build_blocks(
+        tokens,
+        jnp.asarray(g["train_loss_mask"][None]),
+        jnp.asarray(g["train_anchor_positions"][None], jnp.int32),
+        jnp.asarray(g["train_block_keep"][None]),
+        block_size=c.block_size,
+        mask_token_id=c.mask_token_id,
+    )
     features = jnp.asarray(g["train_target_features"][None])
     out = forward.draft_forward(model, features, jnp.asarray(g["train_target_last_hidden"][None]), blocks)
     return request.param, g, model, blocks, out
@@ -49,7 +53,7 @@ def golden(request):
 
 def test_golden_blocks_mask_positions(golden):
     _, g, model, blocks, _ = golden
-    s, n, b = g["train_input_ids"].shape[0], *g["train_target_ids"].shape
+    s, _n, b = g["train_input_ids"].shape[0], *g["train_target_ids"].shape
     mask = data.training_mask(blocks.anchors, blocks.keep, s, b)[0]
     np.testing.assert_array_equal(np.asarray(mask), g["train_attention_mask"])
     np.testing.assert_array_equal(np.asarray(data.position_ids(blocks.positions, s))[0], g["train_position_ids"])
@@ -63,17 +67,28 @@ def test_golden_blocks_mask_positions(golden):
 def test_golden_forward_and_losses(golden):
     variant, g, model, blocks, out = golden
     keep = g["train_block_keep"]  # the dropped block is left out of float comparisons (goldens README §4.4)
-    errs = {"ctx_projected": rel_err(model.project_context(jnp.asarray(g["train_target_features"][None]))[0],
-                                     g["train_ctx_projected"])}
-    arrays = {"block_hidden": out.hidden, "base_logits": out.base_logits, "draft_logits": out.logits,
-              "target_logits": out.target_logits}
+    errs = {
+        "ctx_projected": rel_err(
+            model.project_context(jnp.asarray(g["train_target_features"][None]))[0], g["train_ctx_projected"]
+        )
+    }
+    arrays = {
+        "block_hidden": out.hidden,
+        "base_logits": out.base_logits,
+        "draft_logits": out.logits,
+        "target_logits": out.target_logits,
+    }
     if out.confidence_logits is not None:
         arrays["confidence_logits"] = out.confidence_logits
     for name, a in arrays.items():
         errs[name] = rel_err(np.asarray(a)[0][keep], g["train_" + name][keep])
     terms = losses.slot_losses(out.logits, out.target_logits, blocks.labels, out.confidence_logits)
-    for name, golden_name in (("ce", "ce_per_slot"), ("l1", "l1_per_slot"), ("alpha", "alpha"),
-                              ("bce", "bce_per_slot")):
+    for name, golden_name in (
+        ("ce", "ce_per_slot"),
+        ("l1", "l1_per_slot"),
+        ("alpha", "alpha"),
+        ("bce", "bce_per_slot"),
+    ):
         if "train_" + golden_name in g:
             errs[name] = rel_err(np.asarray(terms[name])[0][keep], g["train_" + golden_name][keep])
     total, metrics = losses.draft_loss(out, blocks, tuple(g["loss_weights_ce_l1_conf"]))
@@ -136,11 +151,15 @@ def test_sample_anchors_sorted_distinct_candidates():
 def test_loss_weights_prefix_and_nan_safety():
     tokens = jnp.arange(12, dtype=jnp.int32)[None]
     mask = jnp.asarray([[0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1]])
-    blocks = data.build_blocks(tokens, mask, jnp.asarray([[2, 9, 0]]), jnp.asarray([[True, True, False]]),
-                               block_size=4, mask_token_id=99)
+    blocks = data.build_blocks(
+        tokens, mask, jnp.asarray([[2, 9, 0]]), jnp.asarray([[True, True, False]]), block_size=4, mask_token_id=99
+    )
     # anchor 2: labels at 3, 4 supervised, 5 masked -> slot 2 and (despite label 6 being on) slot 3 off.
-    assert np.asarray(blocks.eval_mask)[0].tolist() == [[True, True, False, False], [True, True, False, False],
-                                                        [False] * 4]
+    assert np.asarray(blocks.eval_mask)[0].tolist() == [
+        [True, True, False, False],
+        [True, True, False, False],
+        [False] * 4,
+    ]
     w = np.asarray(blocks.loss_weights)[0]
     np.testing.assert_allclose(w[0], [1.0, np.exp(-0.25), 0, 0], rtol=1e-6)
     values = jnp.asarray([[[1.0, 2.0, 5.0, 7.0], [3.0, 4.0, 0.0, 0.0], [np.nan] * 4]])
@@ -249,19 +268,49 @@ def corpus(tmp_path_factory):
         for _ in range(NUM_SEQS):
             ids = rng.integers(0, 127, size=SEQ_LEN).tolist()
             f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * 6 + [1] * (SEQ_LEN - 6)}) + "\n")
-    draft_cfg = {"num_hidden_layers": 1, "block_size": 4, "target_layer_ids": [-1, 0], "mask_token_id": 127,
-                 "markov_rank": 8, "markov_head_type": "vanilla", "enable_confidence_head": True,
-                 "confidence_head_with_markov": True, "num_anchors": 5}
+    draft_cfg = {
+        "num_hidden_layers": 1,
+        "block_size": 4,
+        "target_layer_ids": [-1, 0],
+        "mask_token_id": 127,
+        "markov_rank": 8,
+        "markov_head_type": "vanilla",
+        "enable_confidence_head": True,
+        "confidence_head_with_markov": True,
+        "num_anchors": 5,
+    }
     (root / "draft_config.json").write_text(json.dumps(draft_cfg))
     return root, folder
 
 
 def _draft_args(corpus, out, *extra):
     root, folder = corpus
-    return ["--mode", "draft", "--target", str(folder), "--data", str(root / "data.jsonl"), "--output-dir", str(out),
-            "--draft-config", str(root / "draft_config.json"), "--seq-len", str(SEQ_LEN), "--batch-size",
-            str(NUM_SEQS), "--max-steps", str(STEPS), "--lr", "3e-3", "--export-dtype", "float32", "--no-progress",
-            "--min-supervised", "2", *extra]
+    return [
+        "--mode",
+        "draft",
+        "--target",
+        str(folder),
+        "--data",
+        str(root / "data.jsonl"),
+        "--output-dir",
+        str(out),
+        "--draft-config",
+        str(root / "draft_config.json"),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--batch-size",
+        str(NUM_SEQS),
+        "--max-steps",
+        str(STEPS),
+        "--lr",
+        "3e-3",
+        "--export-dtype",
+        "float32",
+        "--no-progress",
+        "--min-supervised",
+        "2",
+        *extra,
+    ]
 
 
 def _metrics(out):
@@ -337,10 +386,13 @@ def test_load_corpus_text_folder_and_jsonl(tmp_path):
     c = data.load_corpus(str(texts), 32, tokenizer_path=str(tokenizer), min_supervised=7)
     assert c.lengths.tolist() == [32, 8, 32, 32]  # doc40 first (sorted names); doc70's last 6 tokens dropped
     assert c.tokens.shape == (4, 32) and c.loss_mask[1].tolist() == [1] * 8 + [0] * 24
-    rows = [{"input_ids": [5, 6, 7, 8], "loss_mask": [0, 1, 1, 1]}, {"input_ids": [1, 2, 3]}]
+    # a row with a loss mask is truncated (spec §9.1); a plain token stream ("ids", as training.corpus writes) is
+    # cut into windows
+    rows = [{"input_ids": [5, 6, 7, 8], "loss_mask": [0, 1, 1, 1]}, {"ids": [1, 2, 3, 4, 9, 8, 7]}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     c = data.load_corpus(str(tmp_path / "d.jsonl"), 3, min_supervised=2)
-    assert c.tokens.tolist() == [[5, 6, 7], [1, 2, 3]] and c.loss_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert c.tokens.tolist() == [[5, 6, 7], [1, 2, 3], [4, 9, 8]]
+    assert c.loss_mask.tolist() == [[0, 1, 1], [1, 1, 1], [1, 1, 1]] and c.lengths.tolist() == [3, 3, 3]
     with pytest.raises(dj.UsageError, match="outside"):
         data.load_corpus(str(tmp_path / "d.jsonl"), 3, vocab_size=4)
 
@@ -365,14 +417,29 @@ def test_build_job_defaults(corpus):
 
     root, folder = corpus
     fresh = parse_config(_draft_args(corpus, root / "unused"))
-    job, config, target = build_job(fresh, "float32", None)
+    job, config, target = build_job(fresh, "float32")
     assert job.loss_weights == DSPARK_LOSS_WEIGHTS and job.num_anchors == 5 and job.tap_layer_ids == (-1, 0)
-    np.testing.assert_array_equal(np.asarray(job.frozen["embed_tokens"][...]),
-                                  np.asarray(target.state["embed_tokens"][...]))
+    np.testing.assert_array_equal(
+        np.asarray(job.frozen["embed_tokens"][...]), np.asarray(target.state["embed_tokens"][...])
+    )
     g = GOLDENS / "dflash"
-    cont = parse_config(["--mode", "draft", "--target", str(g / "target"), "--draft", str(g / "draft"), "--data",
-                         "x.jsonl", "--output-dir", "unused", "--num-anchors", "3"])
-    job, config, _ = build_job(cont, "bfloat16", None)
+    cont = parse_config(
+        [
+            "--mode",
+            "draft",
+            "--target",
+            str(g / "target"),
+            "--draft",
+            str(g / "draft"),
+            "--data",
+            "x.jsonl",
+            "--output-dir",
+            "unused",
+            "--num-anchors",
+            "3",
+        ]
+    )
+    job, config, _ = build_job(cont, "bfloat16")
     assert job.loss_weights == DFLASH_LOSS_WEIGHTS and job.num_anchors == 3
     assert {x.dtype for x in jax.tree.leaves(job.target_state)} == {jnp.dtype(jnp.bfloat16)}
     assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32"
@@ -388,16 +455,35 @@ def test_cli_target_run_exports_hf(corpus, tmp_path):
     root, folder = corpus
     out = tmp_path / "run_t"
     texts, tokenizer = _text_corpus(tmp_path)
-    args = ["--mode", "target", "--target", str(folder), "--data", str(texts), "--tokenizer", str(tokenizer),
-            "--output-dir", str(out), "--seq-len", str(SEQ_LEN), "--batch-size", "2", "--max-steps", "3",
-            "--export-dtype", "float32", "--no-progress"]
+    args = [
+        "--mode",
+        "target",
+        "--target",
+        str(folder),
+        "--data",
+        str(texts),
+        "--tokenizer",
+        str(tokenizer),
+        "--output-dir",
+        str(out),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--export-dtype",
+        "float32",
+        "--no-progress",
+    ]
     assert main(args) == 0
     records = _metrics(out)
     assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
     trained = dj.load_target(str(out), dtype="float32")
     before = dj.load_target(str(folder), dtype="float32")
-    assert not np.array_equal(np.asarray(trained.state["norm"]["weight"][...]),
-                              np.asarray(before.state["norm"]["weight"][...]))
+    assert not np.array_equal(
+        np.asarray(trained.state["norm"]["weight"][...]), np.asarray(before.state["norm"]["weight"][...])
+    )
     model = transformers.Qwen3ForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ids = np.arange(3, 19)[None]
     with torch.no_grad():
@@ -410,12 +496,14 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
     out = tmp_path / "never"
     base = ["--target", str(folder), "--output-dir", str(out), "--data"]
     good = [*base, str(root / "data.jsonl")]
-    cases = [["--mode", "bogus", *good],
-             ["--mode", "target", *good, "--lr", "fast"],
-             ["--mode", "target", *good, "--draft-config", str(root / "draft_config.json")],
-             ["--mode", "draft", *good],
-             ["--mode", "target", *good, "--batch-size", "3", "--mesh", "data=2"],
-             ["--mode", "target", *base, str(tmp_path / "missing.jsonl")]]
+    cases = [
+        ["--mode", "bogus", *good],
+        ["--mode", "target", *good, "--lr", "fast"],
+        ["--mode", "target", *good, "--draft-config", str(root / "draft_config.json")],
+        ["--mode", "draft", *good],
+        ["--mode", "target", *good, "--batch-size", "3", "--mesh", "data=2"],
+        ["--mode", "target", *base, str(tmp_path / "missing.jsonl")],
+    ]
     for argv in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()

@@ -182,8 +182,15 @@ def test_eos_token_mid_block_does_not_stop_acceptance():
     target = one_hot(np.concatenate([tokens, bonus[:, None]], axis=1), VOCAB)
     draft = one_hot(tokens, VOCAB)
     k = np.full(BATCH, NODES, np.int32)
-    case = (tokens, chain_parents(BATCH, NODES), k, target, draft, rng.random((BATCH, NODES), dtype=np.float32),
-            rng.random(BATCH, dtype=np.float32))
+    case = (
+        tokens,
+        chain_parents(BATCH, NODES),
+        k,
+        target,
+        draft,
+        rng.random((BATCH, NODES), dtype=np.float32),
+        rng.random(BATCH, dtype=np.float32),
+    )
     alen, _, nxt = run_all(case)
     np.testing.assert_array_equal(alen, NODES)
     np.testing.assert_array_equal(nxt, bonus)
@@ -218,8 +225,15 @@ def test_greedy_trees_with_several_children():
     k[0] = NODES
     target = one_hot(argmax, VOCAB)
     draft = one_hot(tokens, VOCAB)
-    case = (tokens, parents, k, target, draft, rng.random((BATCH, NODES), dtype=np.float32),
-            rng.random(BATCH, dtype=np.float32))
+    case = (
+        tokens,
+        parents,
+        k,
+        target,
+        draft,
+        rng.random((BATCH, NODES), dtype=np.float32),
+        rng.random(BATCH, dtype=np.float32),
+    )
     alen, path, nxt = run_all(case)
     exp_len, exp_next = greedy_expected(tokens, parents, k, target)
     np.testing.assert_array_equal(alen, exp_len)
@@ -286,8 +300,15 @@ def test_vocab_multiple_of_block_and_many_tiles():
 def test_zero_nodes():
     rng = np.random.default_rng(7)
     target = random_probs(rng, (4, 1, 300))
-    case = (np.zeros((4, 0), np.int32), np.zeros((4, 0), np.int32), np.zeros(4, np.int32), target,
-            np.zeros((4, 0, 300), np.float32), np.zeros((4, 0), np.float32), rng.random(4, dtype=np.float32))
+    case = (
+        np.zeros((4, 0), np.int32),
+        np.zeros((4, 0), np.int32),
+        np.zeros(4, np.int32),
+        target,
+        np.zeros((4, 0, 300), np.float32),
+        np.zeros((4, 0), np.float32),
+        rng.random(4, dtype=np.float32),
+    )
     alen, path, _ = run_all(case, variants=("gpu",), block=128)
     assert path.shape == (4, 0) and (alen == 0).all()
 
@@ -334,8 +355,9 @@ def test_traceable_inside_jitted_while_loop():
 
     jax.make_jaxpr(functools.partial(decode, "pallas"))(args)  # traces the kernel; no host syncs allowed
     ref = verify_reference(*args)
-    np.testing.assert_array_equal(jax.jit(functools.partial(decode, "reference"))(args),
-                                  2 * (ref.accept_len + ref.next_token))
+    np.testing.assert_array_equal(
+        jax.jit(functools.partial(decode, "reference"))(args), 2 * (ref.accept_len + ref.next_token)
+    )
 
 
 def test_block_configs_are_legal():
@@ -381,8 +403,15 @@ def _first_committed(parents_row, rows, vocab=8, seed=11):
     residual_u = jax.random.uniform(kr, (rows,))
 
     def one_row(tok, u, ru):
-        res = verify_reference(tok[None], jnp.asarray(parents_row, jnp.int32)[None], jnp.full((1,), nodes),
-                               jnp.asarray(target)[None], jnp.asarray(draft)[None], u[None], ru[None])
+        res = verify_reference(
+            tok[None],
+            jnp.asarray(parents_row, jnp.int32)[None],
+            jnp.full((1,), nodes),
+            jnp.asarray(target)[None],
+            jnp.asarray(draft)[None],
+            u[None],
+            ru[None],
+        )
         return jax.tree.map(lambda x: x[0], res)
 
     res = jax.jit(jax.vmap(one_row))(tokens, uniforms, residual_u)
@@ -414,9 +443,15 @@ _BIG = dict(batch=32, nodes=7, vocab=151936)
 
 def _big_avals(batch, nodes, vocab):
     sds = jax.ShapeDtypeStruct
-    return (sds((batch, nodes), jnp.int32), sds((batch, nodes), jnp.int32), sds((batch,), jnp.int32),
-            sds((batch, nodes + 1, vocab), jnp.float32), sds((batch, nodes, vocab), jnp.float32),
-            sds((batch, nodes), jnp.float32), sds((batch,), jnp.float32))
+    return (
+        sds((batch, nodes), jnp.int32),
+        sds((batch, nodes), jnp.int32),
+        sds((batch,), jnp.int32),
+        sds((batch, nodes + 1, vocab), jnp.float32),
+        sds((batch, nodes, vocab), jnp.float32),
+        sds((batch, nodes), jnp.float32),
+        sds((batch,), jnp.float32),
+    )
 
 
 def _jaxlib_version():
@@ -425,8 +460,10 @@ def _jaxlib_version():
     return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in jaxlib.__version__.split(".")[:3])
 
 
-@pytest.mark.skipif(_jaxlib_version() > (0, 10, 2) or jax.default_backend() == "gpu",
-                    reason="newer jaxlibs compile Triton to PTX while lowering, which needs a GPU")
+@pytest.mark.skipif(
+    _jaxlib_version() > (0, 10, 2) or jax.default_backend() == "gpu",
+    reason="newer jaxlibs compile Triton to PTX while lowering, which needs a GPU",
+)
 def test_triton_lowering_from_cpu():
     block, warps, stages = gpu_config(_BIG["vocab"])
     fn = functools.partial(verify_gpu, block_v=block, num_warps=warps, num_stages=stages)
@@ -449,8 +486,7 @@ def _big_case(batch, nodes, vocab, seed=0):
     tokens = jax.random.categorical(kt, jnp.log(draft)).astype(jnp.int32)
     parents = jnp.broadcast_to(jnp.arange(-1, nodes - 1, dtype=jnp.int32), (batch, nodes))
     k = jnp.arange(batch, dtype=jnp.int32) % (nodes + 1)
-    return (tokens, parents, k, target, draft, jax.random.uniform(ku, (batch, nodes)),
-            jax.random.uniform(kr, (batch,)))
+    return (tokens, parents, k, target, draft, jax.random.uniform(ku, (batch, nodes)), jax.random.uniform(kr, (batch,)))
 
 
 def _assert_token_consistent(case, res_ref, got_next, tol=1e-4):

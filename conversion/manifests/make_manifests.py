@@ -15,12 +15,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Geometry from the published Qwen3 config.json files.
 QWEN3 = {
-    "4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=9728, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=12288, tie_word_embeddings=False),
-    "14b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
-                intermediate_size=17408, tie_word_embeddings=False),
+    "4b": dict(
+        hidden_size=2560,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=9728,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=12288,
+        tie_word_embeddings=False,
+    ),
+    "14b": dict(
+        hidden_size=5120,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=17408,
+        tie_word_embeddings=False,
+    ),
 }
 # The 5 target layers whose hidden states feed the draft: spread evenly, starting at layer 1.
 TARGET_LAYER_IDS = {"4b": [1, 9, 17, 25, 33], "8b": [1, 9, 17, 25, 33], "14b": [1, 10, 19, 28, 37]}
@@ -82,11 +100,20 @@ def qwen3_shapes(c: dict[str, Any]) -> dict[str, list[int]]:
 def draft_config(size: str, markov: bool) -> dict[str, Any]:
     """DSpark (markov=True) or DFlash (markov=False) draft config built on the target's geometry."""
     target = qwen3_config(size)
-    c = {**target, "architectures": ["Qwen3DSparkModel"], "num_hidden_layers": DRAFT_LAYERS,
-         "tie_word_embeddings": False, "layer_types": ["full_attention"] * DRAFT_LAYERS, "block_size": BLOCK_SIZE,
-         "num_target_layers": target["num_hidden_layers"], "target_layer_ids": TARGET_LAYER_IDS[size],
-         "mask_token_id": 151669, "num_anchors": 512, "markov_rank": MARKOV_RANK if markov else 0,
-         "enable_confidence_head": markov}
+    c = {
+        **target,
+        "architectures": ["Qwen3DSparkModel"],
+        "num_hidden_layers": DRAFT_LAYERS,
+        "tie_word_embeddings": False,
+        "layer_types": ["full_attention"] * DRAFT_LAYERS,
+        "block_size": BLOCK_SIZE,
+        "num_target_layers": target["num_hidden_layers"],
+        "target_layer_ids": TARGET_LAYER_IDS[size],
+        "mask_token_id": 151669,
+        "num_anchors": 512,
+        "markov_rank": MARKOV_RANK if markov else 0,
+        "enable_confidence_head": markov,
+    }
     if markov:
         c.update(markov_head_type="vanilla", confidence_head_with_markov=True)
     return c
@@ -98,8 +125,14 @@ def draft_shapes(c: dict[str, Any]) -> dict[str, list[int]]:
     shapes = {"embed_tokens.weight": [v, h]}
     for n in range(c["num_hidden_layers"]):
         shapes.update(_layer(f"layers.{n}.", c))
-    shapes.update({"norm.weight": [h], "fc.weight": [h, len(c["target_layer_ids"]) * h],
-                   "hidden_norm.weight": [h], "lm_head.weight": [v, h]})
+    shapes.update(
+        {
+            "norm.weight": [h],
+            "fc.weight": [h, len(c["target_layer_ids"]) * h],
+            "hidden_norm.weight": [h],
+            "lm_head.weight": [v, h],
+        }
+    )
     if r:
         shapes.update({"markov_head.markov_w1.weight": [v, r], "markov_head.markov_w2.weight": [v, r]})
     if c["enable_confidence_head"]:
@@ -113,9 +146,11 @@ def build_all() -> dict[str, dict[str, Any]]:
     """{manifest name: manifest} for every committed file."""
     out = {}
     for size in QWEN3:
-        configs = {f"qwen3-{size}": (qwen3_config(size), qwen3_shapes),
-                   f"dspark-qwen3-{size}-block{BLOCK_SIZE}": (draft_config(size, True), draft_shapes),
-                   f"dflash-qwen3-{size}-block{BLOCK_SIZE}": (draft_config(size, False), draft_shapes)}
+        configs = {
+            f"qwen3-{size}": (qwen3_config(size), qwen3_shapes),
+            f"dspark-qwen3-{size}-block{BLOCK_SIZE}": (draft_config(size, True), draft_shapes),
+            f"dflash-qwen3-{size}-block{BLOCK_SIZE}": (draft_config(size, False), draft_shapes),
+        }
         for name, (config, shapes_fn) in configs.items():
             tensors = {k: {"shape": s, "dtype": "BF16"} for k, s in sorted(shapes_fn(config).items())}
             out[name] = {"config": config, "tensors": tensors}

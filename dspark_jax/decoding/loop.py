@@ -72,8 +72,20 @@ def _is_stop(tokens, stop_ids):
 
 
 @functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "spec"))
-def prefill(target_def, target_state, draft_def, draft_state, prompts, prompt_lens, limits, keys, stop_ids,
-            thresholds, *, spec: LoopSpec) -> DecodeState:
+def prefill(
+    target_def,
+    target_state,
+    draft_def,
+    draft_state,
+    prompts,
+    prompt_lens,
+    limits,
+    keys,
+    stop_ids,
+    thresholds,
+    *,
+    spec: LoopSpec,
+) -> DecodeState:
     """Target over the padded prompts, first token from the last prompt position (spec §6.2).
 
     prompts: i32[batch, bucket] right-padded; prompt_lens, limits: i32[batch]; keys: per-row keys [batch];
@@ -87,8 +99,11 @@ def prefill(target_def, target_state, draft_def, draft_state, prompts, prompt_le
     last = hidden[jnp.arange(bsz), prompt_lens - 1]
     keys, sample_keys, _ = _row_keys(keys)
     probs = probabilities(target.logits(last), spec.sampling)
-    first = draw(probs, None, spec.sampling) if spec.sampling.greedy else jax.vmap(
-        lambda p, k: draw(p, k, spec.sampling))(probs, sample_keys)
+    first = (
+        draw(probs, None, spec.sampling)
+        if spec.sampling.greedy
+        else jax.vmap(lambda p, k: draw(p, k, spec.sampling))(probs, sample_keys)
+    )
     buf_len = spec.cache_len + spec.width
     tokens = jnp.zeros((bsz, buf_len), jnp.int32).at[:, :bucket].set(prompts)
     tokens = tokens.at[jnp.arange(bsz), prompt_lens].set(first)
@@ -101,41 +116,77 @@ def prefill(target_def, target_state, draft_def, draft_state, prompts, prompt_le
         pending = jnp.zeros((bsz, spec.width, taps.shape[-1]), taps.dtype)
         num_pending = jnp.zeros((bsz,), jnp.int32)
     zeros = jnp.zeros((bsz, spec.max_rounds), jnp.int32)
-    return DecodeState(tokens=tokens, lengths=prompt_lens + 1, limits=limits, stop_ids=stop_ids,
-                       thresholds=thresholds, done=_is_stop(first, stop_ids) | (prompt_lens >= limits), keys=keys,
-                       target_cache=cache,
-                       draft_cache=draft_cache, pending=pending, num_pending=num_pending,
-                       rounds=jnp.zeros((bsz,), jnp.int32), acceptance=zeros, proposals=zeros)
+    return DecodeState(
+        tokens=tokens,
+        lengths=prompt_lens + 1,
+        limits=limits,
+        stop_ids=stop_ids,
+        thresholds=thresholds,
+        done=_is_stop(first, stop_ids) | (prompt_lens >= limits),
+        keys=keys,
+        target_cache=cache,
+        draft_cache=draft_cache,
+        pending=pending,
+        num_pending=num_pending,
+        rounds=jnp.zeros((bsz,), jnp.int32),
+        acceptance=zeros,
+        proposals=zeros,
+    )
 
 
 def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
     """One propose -> verify -> accept -> commit step for every row; rows already done are left unchanged."""
+    keys, draft_keys, accept_keys = _row_keys(state.keys)
+    anchor_pos = state.lengths - 1
+    anchors = state.tokens[jnp.arange(anchor_pos.shape[0]), anchor_pos]
+    proposal = draft_cache = None
+    block = anchors[:, None]
+    if draft is not None:
+        proposal, draft_cache = propose(
+            draft,
+            state.draft_cache,
+            state.pending,
+            state.num_pending,
+            anchors,
+            anchor_pos,
+            spec.sampling,
+            None if spec.sampling.greedy else draft_keys,
+        )
+        block = jnp.concatenate([block, proposal.tokens], axis=1)
+    logits, taps, target_cache = target_pass(target, state.target_cache, block, anchor_pos, spec.tap_layer_ids)
+    return _accept_and_commit(state, spec, proposal, logits, taps, target_cache, draft_cache, keys, accept_keys)
+
+
+def _accept_and_commit(
+    state: DecodeState, spec: LoopSpec, proposal, logits, taps, target_cache, draft_cache, keys, accept_keys
+) -> DecodeState:
+    """Acceptance (spec §6.6) and the state update (§6.7) after the target pass of a round.
+
+    proposal: the round's Proposal (None for plain decoding); logits f32[batch, width, vocab] and taps from the
+    target pass; target_cache / draft_cache with the round's rows written; keys: the rows' next keys.
+    """
     bsz = state.lengths.shape[0]
     rows = jnp.arange(bsz)
     anchor_pos = state.lengths - 1
-    anchors = state.tokens[rows, anchor_pos]
     live = ~state.done
-    keys, draft_keys, accept_keys = _row_keys(state.keys)
     greedy = spec.sampling.greedy
-    draft_cache = state.draft_cache
-    if draft is None:
-        logits, taps, target_cache = target_pass(target, state.target_cache, anchors[:, None], anchor_pos, ())
+    if proposal is None:
         probs = probabilities(logits[:, 0], spec.sampling)
-        next_token = draw(probs, None, spec.sampling) if greedy else jax.vmap(
-            lambda p, k: draw(p, k, spec.sampling))(probs, accept_keys)
+        next_token = (
+            draw(probs, None, spec.sampling)
+            if greedy
+            else jax.vmap(lambda p, k: draw(p, k, spec.sampling))(probs, accept_keys)
+        )
         drafts = jnp.zeros((bsz, 0), jnp.int32)
         accepted = num_proposed = jnp.zeros((bsz,), jnp.int32)
     else:
-        proposal, draft_cache = propose(draft, state.draft_cache, state.pending, state.num_pending, anchors,
-                                        anchor_pos, spec.sampling, None if greedy else draft_keys)
         drafts = proposal.tokens
         # Never verify a draft whose committed position (or the extra token's) would leave the context window.
         room = jnp.maximum(spec.context_len - 2 - anchor_pos, 0)
         num_proposed = jnp.minimum(num_to_verify(proposal.confidence_logits, state.thresholds), room)
-        block = jnp.concatenate([anchors[:, None], drafts], axis=1)
-        logits, taps, target_cache = target_pass(target, state.target_cache, block, anchor_pos, spec.tap_layer_ids)
-        accepted, next_token = accept(spec.sampling, drafts, proposal.probs, num_proposed, logits,
-                                      None if greedy else accept_keys)
+        accepted, next_token = accept(
+            spec.sampling, drafts, proposal.probs, num_proposed, logits, None if greedy else accept_keys
+        )
     # Stop tokens among the accepted drafts end the row there, without an extra token (spec §6.6).
     has_stop = jnp.zeros((bsz,), bool)
     if spec.block_size:
@@ -148,10 +199,12 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
     committed = accepted + extra.astype(jnp.int32)
     window = jnp.arange(spec.width, dtype=jnp.int32)[None, :]
     padded = jnp.concatenate([drafts, jnp.zeros((bsz, 1), jnp.int32)], axis=1)
-    values = jnp.where(window < accepted[:, None], padded, jnp.where(window == accepted[:, None], next_token[:, None],
-                                                                      0))
+    values = jnp.where(
+        window < accepted[:, None], padded, jnp.where(window == accepted[:, None], next_token[:, None], 0)
+    )
     written = jax.vmap(lambda row, v, s: jax.lax.dynamic_update_slice_in_dim(row, v, s, 0))(
-        state.tokens, values, state.lengths)
+        state.tokens, values, state.lengths
+    )
     new_lengths = state.lengths + committed
     finished = has_stop | (extra & _is_stop(next_token, state.stop_ids)) | (new_lengths - 1 >= state.limits)
 
@@ -161,7 +214,7 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
 
     round_idx = jnp.minimum(state.rounds, spec.max_rounds - 1)
     target_cache = dataclasses.replace(target_cache, lengths=keep(new_lengths - 1, state.target_cache.lengths))
-    if draft is not None:
+    if proposal is not None:
         draft_cache = dataclasses.replace(draft_cache, lengths=keep(draft_cache.lengths, state.draft_cache.lengths))
     return DecodeState(
         tokens=keep(written, state.tokens),
@@ -173,8 +226,8 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
         keys=keys,
         target_cache=target_cache,
         draft_cache=draft_cache,
-        pending=None if draft is None else keep(taps.astype(state.pending.dtype), state.pending),
-        num_pending=None if draft is None else keep(committed, state.num_pending),
+        pending=None if proposal is None else keep(taps.astype(state.pending.dtype), state.pending),
+        num_pending=None if proposal is None else keep(committed, state.num_pending),
         rounds=state.rounds + live.astype(jnp.int32),
         acceptance=state.acceptance.at[rows, round_idx].set(keep(committed, state.acceptance[rows, round_idx])),
         proposals=state.proposals.at[rows, round_idx].set(keep(num_proposed, state.proposals[rows, round_idx])),
@@ -182,12 +235,12 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "spec"), donate_argnames=("state",))
-def decode_loop(target_def, target_state, draft_def, draft_state, state: DecodeState, *,
-                spec: LoopSpec) -> DecodeState:
+def decode_loop(target_def, target_state, draft_def, draft_state, state: DecodeState, *, spec: LoopSpec) -> DecodeState:
     """All rounds in one lax.while_loop; `state` is donated (its buffers are reused in place).
 
     Stops when every row is done; nothing syncs with the host inside.
     """
+
     def body(s):
         target = nnx.merge(target_def, target_state)
         draft = None if draft_def is None else nnx.merge(draft_def, draft_state)
@@ -212,20 +265,58 @@ def _check_prompts(prompts, vocab: int, context_len: int) -> list[list[int]]:
         if bad:
             raise UsageError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
         if len(p) >= context_len:
-            raise UsageError(f"prompt {i} has {len(p)} tokens, longer than the model's context of "
-                             f"{context_len - 1} prompt tokens")
+            raise UsageError(
+                f"prompt {i} has {len(p)} tokens, longer than the model's context of {context_len - 1} prompt tokens"
+            )
         out.append([int(t) for t in p])
     return out
 
 
-def generate(target, draft=None, prompts=None, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int = 0, verify: str = "full",
-             stop_token_ids=None) -> GenerateResult:
-    """Generate continuations of token-id prompts, speculatively when `draft` is given (interfaces.md §3).
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A validated request batch: the loop's static spec and the arrays `prefill` takes (host numpy)."""
 
-    Output follows the target alone: greedy output equals plain greedy token for token, sampled output follows the
-    target's (temperature / top-k / top-p) distribution. Row i draws from its own stream fold_in(key(seed), i).
-    """
+    spec: LoopSpec
+    prompts: np.ndarray  # i32[batch, bucket] right-padded
+    prompt_lens: np.ndarray  # i32[batch]
+    limits: np.ndarray  # i32[batch]
+    keys: jax.Array  # per-row keys [batch]
+    stop_ids: np.ndarray  # i32[stop_slots], -1 padded
+    thresholds: np.ndarray  # f32[batch]
+    stops: tuple[int, ...]
+    max_new_tokens: int
+
+    def prefill(self, target, draft) -> DecodeState:
+        """Run `prefill` for this batch (draft None: plain decoding)."""
+        draft_def, draft_state = (None, None) if draft is None else (draft.graphdef, draft.state)
+        return prefill(
+            target.graphdef,
+            target.state,
+            draft_def,
+            draft_state,
+            jnp.asarray(self.prompts),
+            jnp.asarray(self.prompt_lens),
+            jnp.asarray(self.limits),
+            self.keys,
+            jnp.asarray(self.stop_ids),
+            jnp.asarray(self.thresholds),
+            spec=self.spec,
+        )
+
+
+def prepare(
+    target,
+    draft=None,
+    prompts=None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    verify: str = "full",
+    stop_token_ids=None,
+) -> Prepared:
+    """Validate `generate`'s arguments (raising UsageError) and build the loop's spec and inputs."""
     sampling = SamplingConfig(temperature, top_p, top_k)
     policy = VerifyPolicy.parse(verify)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -238,13 +329,17 @@ def generate(target, draft=None, prompts=None, max_new_tokens: int = 256, temper
     if draft is not None:
         draft.config.check_target(config)
         if policy.kind == "threshold" and not draft.config.enable_confidence_head:
-            raise UsageError(f"verify {verify!r} needs a draft with a confidence head; this draft has none "
-                             "(accepted: full)")
+            raise UsageError(
+                f"verify {verify!r} needs a draft with a confidence head; this draft has none (accepted: full)"
+            )
     elif policy.kind != "full":
         raise UsageError(f"verify {verify!r} needs a draft; plain decoding accepts only 'full'")
     stops = tuple(target.stop_token_ids if stop_token_ids is None else stop_token_ids)
-    bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, (int, np.integer))
-           or not 0 <= t < config.vocab_size]
+    bad = [
+        t
+        for t in stops
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < config.vocab_size
+    ]
     if bad:
         raise UsageError(f"stop_token_ids must be token ids in [0, {config.vocab_size}), got {bad[0]!r}")
     stops = tuple(int(t) for t in stops)
@@ -254,36 +349,64 @@ def generate(target, draft=None, prompts=None, max_new_tokens: int = 256, temper
     limits = np.minimum(lens + max_new_tokens, context_len - 1).astype(np.int32)
     # From the bucket, not the actual lengths: prompts in one bucket must share one compiled loop.
     cache_len = -(-(max(bucket, min(bucket + max_new_tokens, context_len - 1)) + block + 2) // 64) * 64
-    spec = LoopSpec(sampling, () if draft is None else draft.config.target_layer_ids, block, context_len, cache_len,
-                    max_new_tokens + 1)
+    spec = LoopSpec(
+        sampling,
+        () if draft is None else draft.config.target_layer_ids,
+        block,
+        context_len,
+        cache_len,
+        max_new_tokens + 1,
+    )
     stop_slots = STOP_SLOTS * max(1, -(-len(stops) // STOP_SLOTS))
     stop_ids = np.full((stop_slots,), -1, np.int32)
-    stop_ids[:len(stops)] = stops
+    stop_ids[: len(stops)] = stops
     thresholds = np.full((len(prompts),), policy_threshold(policy), np.float32)
     padded = np.zeros((len(prompts), bucket), np.int32)
     for i, p in enumerate(prompts):
-        padded[i, :len(p)] = p
+        padded[i, : len(p)] = p
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(len(prompts)))
+    return Prepared(spec, padded, lens, limits, keys, stop_ids, thresholds, stops, max_new_tokens)
+
+
+def generate(
+    target,
+    draft=None,
+    prompts=None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    verify: str = "full",
+    stop_token_ids=None,
+) -> GenerateResult:
+    """Generate continuations of token-id prompts, speculatively when `draft` is given (interfaces.md §3).
+
+    Output follows the target alone: greedy output equals plain greedy token for token, sampled output follows the
+    target's (temperature / top-k / top-p) distribution. Row i draws from its own stream fold_in(key(seed), i).
+    """
+    prep = prepare(target, draft, prompts, max_new_tokens, temperature, top_p, top_k, seed, verify, stop_token_ids)
+    spec, lens, stops = prep.spec, prep.prompt_lens, prep.stops
     draft_def = draft_state = None
     if draft is not None:
         draft_def, draft_state = draft.graphdef, draft.state
     start = time.perf_counter()
-    state = prefill(target.graphdef, target.state, draft_def, draft_state, jnp.asarray(padded), jnp.asarray(lens),
-                    jnp.asarray(limits), keys, jnp.asarray(stop_ids), jnp.asarray(thresholds), spec=spec)
+    state = prep.prefill(target, draft)
     state = decode_loop(target.graphdef, target.state, draft_def, draft_state, state, spec=spec)
     tokens, lengths, rounds, acc, props = jax.device_get(
-        (state.tokens, state.lengths, state.rounds, state.acceptance, state.proposals))
+        (state.tokens, state.lengths, state.rounds, state.acceptance, state.proposals)
+    )
     seconds = time.perf_counter() - start
     out_tokens, out_acc, out_prop = [], [], []
     for i, n in enumerate(lens):
-        row = tokens[i, n:min(lengths[i], n + max_new_tokens)].tolist()
+        row = tokens[i, n : min(lengths[i], n + max_new_tokens)].tolist()
         for j, t in enumerate(row):
             if t in stops:
-                row = row[:j + 1]
+                row = row[: j + 1]
                 break
         out_tokens.append(row)
-        out_acc.append(acc[i, :rounds[i]].tolist())
-        out_prop.append(props[i, :rounds[i]].tolist())
+        out_acc.append(acc[i, : rounds[i]].tolist())
+        out_prop.append(props[i, : rounds[i]].tolist())
     total_rounds = int(rounds.sum())
     tau = float(sum(map(sum, out_acc)) / total_rounds) if total_rounds else 0.0
     return GenerateResult(out_tokens, out_acc, out_prop, tau, seconds)

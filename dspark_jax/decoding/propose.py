@@ -32,8 +32,14 @@ class Proposal:
     hidden: jax.Array
 
 
-def sample_slots(draft: Draft, hidden: jax.Array, anchors: jax.Array, sampling: SamplingConfig,
-                 keys: jax.Array | None, forced_tokens: jax.Array | None = None) -> Proposal:
+def sample_slots(
+    draft: Draft,
+    hidden: jax.Array,
+    anchors: jax.Array,
+    sampling: SamplingConfig,
+    keys: jax.Array | None,
+    forced_tokens: jax.Array | None = None,
+) -> Proposal:
     """Draw the block's tokens left to right (spec §6.4) as a lax.scan over slots.
 
     hidden: [batch, slots, hidden]; anchors: i32[batch] (x_{-1}); keys: per-row PRNG keys [batch] (unused when
@@ -42,8 +48,11 @@ def sample_slots(draft: Draft, hidden: jax.Array, anchors: jax.Array, sampling: 
     """
     base = draft.base_logits(hidden)  # f32[b, j, v]
     bsz, slots = anchors.shape[0], hidden.shape[1]
-    slot_keys = (jax.vmap(lambda k: jax.random.split(k, slots))(keys) if keys is not None
-                 else jnp.zeros((bsz, slots), jnp.uint32))
+    slot_keys = (
+        jax.vmap(lambda k: jax.random.split(k, slots))(keys)
+        if keys is not None
+        else jnp.zeros((bsz, slots), jnp.uint32)
+    )
     forced = forced_tokens if forced_tokens is not None else jnp.zeros((bsz, slots), jnp.int32)
 
     def step(carry, xs):
@@ -59,27 +68,60 @@ def sample_slots(draft: Draft, hidden: jax.Array, anchors: jax.Array, sampling: 
         conf = confidence if confidence is not None else jnp.zeros((bsz,), jnp.float32)
         return (nxt, state), (token, probs, logits, conf)
 
-    xs = (jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(base, 0, 1), jnp.swapaxes(slot_keys, 0, 1),
-          jnp.swapaxes(forced, 0, 1))
+    xs = (
+        jnp.swapaxes(hidden, 0, 1),
+        jnp.swapaxes(base, 0, 1),
+        jnp.swapaxes(slot_keys, 0, 1),
+        jnp.swapaxes(forced, 0, 1),
+    )
     init = (anchors.astype(jnp.int32), draft.init_head_state((bsz,)))
     _, (tokens, probs, logits, conf) = jax.lax.scan(step, init, xs)
-    return Proposal(jnp.swapaxes(tokens, 0, 1), jnp.swapaxes(probs, 0, 1), base, jnp.swapaxes(logits, 0, 1),
-                    jnp.swapaxes(conf, 0, 1), hidden)
+    return Proposal(
+        jnp.swapaxes(tokens, 0, 1),
+        jnp.swapaxes(probs, 0, 1),
+        base,
+        jnp.swapaxes(logits, 0, 1),
+        jnp.swapaxes(conf, 0, 1),
+        hidden,
+    )
 
 
-def propose(draft: Draft, cache: KVCache, pending: jax.Array, num_pending: jax.Array, anchors: jax.Array,
-            anchor_positions: jax.Array, sampling: SamplingConfig, keys: jax.Array | None,
-            forced_tokens: jax.Array | None = None) -> tuple[Proposal, KVCache]:
+def propose(
+    draft: Draft,
+    cache: KVCache,
+    pending: jax.Array,
+    num_pending: jax.Array,
+    anchors: jax.Array,
+    anchor_positions: jax.Array,
+    sampling: SamplingConfig,
+    keys: jax.Array | None,
+    forced_tokens: jax.Array | None = None,
+) -> tuple[Proposal, KVCache]:
     """Push pending context rows, then run one block per row.
 
     pending: [batch, w, taps * hidden] raw target features of positions cache.lengths..+num_pending (rows beyond a
     row's count are ignored); anchors, anchor_positions: i32[batch]. Afterwards cache.lengths = anchor_positions
     for rows whose pending rows reach the anchor (spec §6.3 step 4; block rows never enter the cache).
     """
+    hidden, cache = draft_backbone(draft, cache, pending, num_pending, anchors, anchor_positions)
+    return sample_slots(draft, hidden, anchors, sampling, keys, forced_tokens), cache
+
+
+def draft_backbone(
+    draft: Draft,
+    cache: KVCache,
+    pending: jax.Array,
+    num_pending: jax.Array,
+    anchors: jax.Array,
+    anchor_positions: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """The draft's layers for one round (spec §6.3): push pending context rows, then the block forward.
+
+    Returns (hidden [batch, slots, hidden] after the final norm, the cache with the context rows appended).
+    """
     cache = draft.push_context(cache, pending, cache.lengths)
     cache = dataclasses.replace(cache, lengths=cache.lengths + num_pending)
-    hidden = draft.block_hidden(cache, anchors, anchor_positions)
-    return sample_slots(draft, hidden, anchors, sampling, keys, forced_tokens), cache
+    return draft.block_hidden(cache, anchors, anchor_positions), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "cache_len"))
@@ -91,8 +133,9 @@ def _propose_features(graphdef, state, cache, taps, anchors, anchor_positions, k
     return propose(draft, cache, taps, num, anchors, anchor_positions, sampling, keys)
 
 
-def propose_from_features(handle, taps, anchor, *, temperature=0.0, top_p=1.0, top_k=0, key=None, cache=None,
-                          anchor_position=None):
+def propose_from_features(
+    handle, taps, anchor, *, temperature=0.0, top_p=1.0, top_k=0, key=None, cache=None, anchor_position=None
+):
     """Research API behind `draft.propose`: context features for the positions right after the cache, one block.
 
     taps: f32[batch, t, taps * hidden] (or [t, taps * hidden]); anchor: i32[batch] (or a scalar). With no cache,
@@ -107,8 +150,10 @@ def propose_from_features(handle, taps, anchor, *, temperature=0.0, top_p=1.0, t
         anchor = anchor.reshape(1)
     width = handle.config.num_taps * handle.config.model.hidden_size
     if taps.ndim != 3 or taps.shape[2] != width or anchor.shape != taps.shape[:1]:
-        raise UsageError(f"propose needs taps [batch, t, {width}] and anchor [batch], got taps {list(taps.shape)} "
-                         f"and anchor {list(anchor.shape)}")
+        raise UsageError(
+            f"propose needs taps [batch, t, {width}] and anchor [batch], got taps {list(taps.shape)} "
+            f"and anchor {list(anchor.shape)}"
+        )
     if cache is not None and cache.lengths.shape != anchor.shape:
         raise UsageError(f"cache holds {cache.lengths.shape[0]} row(s) but {anchor.shape[0]} anchor(s) were given")
     start = jnp.zeros(anchor.shape, jnp.int32) if cache is None else cache.lengths
@@ -117,13 +162,16 @@ def propose_from_features(handle, taps, anchor, *, temperature=0.0, top_p=1.0, t
     anchor_position = jnp.broadcast_to(jnp.asarray(anchor_position, jnp.int32), anchor.shape)
     if cache is not None and int(jnp.max(start)) + taps.shape[1] > cache.cache_len:
         # push_context writes with dynamic_update_slice, which would clamp (shift) an overflowing write.
-        raise UsageError(f"cache holds {cache.cache_len} positions but {taps.shape[1]} rows after "
-                         f"{int(jnp.max(start))} need {int(jnp.max(start)) + taps.shape[1]}")
+        raise UsageError(
+            f"cache holds {cache.cache_len} positions but {taps.shape[1]} rows after "
+            f"{int(jnp.max(start))} need {int(jnp.max(start)) + taps.shape[1]}"
+        )
     sampling = SamplingConfig(temperature, top_p, top_k)
     keys = None
     if not sampling.greedy:
         base = key if key is not None else jax.random.key(0)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(anchor.shape[0]))
     cache_len = 256 * (1 + (int(jnp.max(anchor_position)) + 256) // 256)
-    return _propose_features(handle.graphdef, handle.state, cache, taps, anchor, anchor_position, keys, sampling,
-                             cache_len)
+    return _propose_features(
+        handle.graphdef, handle.state, cache, taps, anchor, anchor_position, keys, sampling, cache_len
+    )

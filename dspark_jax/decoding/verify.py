@@ -12,8 +12,9 @@ from dspark_jax.models.qwen3 import Qwen3
 from dspark_jax.sampling import probabilities
 
 
-def target_pass(target: Qwen3, cache: KVCache, tokens: jax.Array, anchor_positions: jax.Array,
-                tap_layer_ids: tuple[int, ...]):
+def target_pass(
+    target: Qwen3, cache: KVCache, tokens: jax.Array, anchor_positions: jax.Array, tap_layer_ids: tuple[int, ...]
+):
     """tokens i32[batch, w] = [anchor, x_0..x_{w-2}] at positions P..P+w-1.
 
     Returns (logits f32[batch, w, vocab], taps [batch, w, taps * hidden] or None, cache with the rows written).
@@ -26,8 +27,14 @@ def target_pass(target: Qwen3, cache: KVCache, tokens: jax.Array, anchor_positio
     return target.logits(hidden), taps, cache
 
 
-def accept(sampling: SamplingConfig, draft_tokens: jax.Array, draft_probs: jax.Array, num_proposed: jax.Array,
-           target_logits: jax.Array, keys: jax.Array | None):
+def accept(
+    sampling: SamplingConfig,
+    draft_tokens: jax.Array,
+    draft_probs: jax.Array,
+    num_proposed: jax.Array,
+    target_logits: jax.Array,
+    keys: jax.Array | None,
+):
     """Speculative rejection sampling over a chain (spec §6.6).
 
     draft_tokens i32[batch, slots]; draft_probs f32[batch, slots, vocab]; num_proposed i32[batch];

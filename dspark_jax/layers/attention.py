@@ -33,9 +33,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
 class Attention(nnx.Module):
     """Qwen3 self-attention: q/k/v projections per head, q/k RMSNorm per head before RoPE, no biases."""
 
-    def __init__(self, hidden: int, q_heads: int, kv_heads: int, head_dim: int, eps: float, rope_theta: float,
-                 rope_scaling: tuple | None,
-                 *, dtype: str, param_dtype: str, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        hidden: int,
+        q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+        rope_theta: float,
+        rope_scaling: tuple | None,
+        *,
+        dtype: str,
+        param_dtype: str,
+        rngs: nnx.Rngs | None,
+    ):
         self.dtype = dtype
         self.head_dim = head_dim
         self.rope = (rope_theta, rope_scaling)  # static: the frequency table is recomputed (constant-folded)
@@ -67,8 +78,9 @@ class Attention(nnx.Module):
         """a: [batch, t, q_heads, head_dim] -> [batch, t, hidden]."""
         return jnp.einsum("btnh,nhd->btd", a, self.o_proj[...].astype(self.dtype))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array | None = None,
-                 v_cache: jax.Array | None = None):
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, k_cache: jax.Array | None = None, v_cache: jax.Array | None = None
+    ):
         """Causal self-attention over a chunk, optionally through a cache.
 
         x: [batch, t, hidden]; positions: i32[batch, t] (consecutive per row). With caches
@@ -77,7 +89,7 @@ class Attention(nnx.Module):
         """
         q = self.queries(x, positions)
         k, v = self.keys_values(x, positions)
-        scale = self.head_dim ** -0.5
+        scale = self.head_dim**-0.5
         if k_cache is None:
             mask = positions[:, None, :] <= positions[:, :, None]
             return self.output(attend(q, k, v, mask, scale)), None, None

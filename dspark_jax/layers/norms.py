@@ -17,8 +17,16 @@ def rms_normalize(x: jnp.ndarray, eps: float) -> jnp.ndarray:
 class RMSNorm(nnx.Module):
     """Qwen3 RMSNorm: normalise in f32, cast to the compute dtype, then scale (the order transformers uses)."""
 
-    def __init__(self, size: int, eps: float, *, dtype: str, param_dtype: str, rngs: nnx.Rngs | None,
-                 axis_name: str | None = "embed"):
+    def __init__(
+        self,
+        size: int,
+        eps: float,
+        *,
+        dtype: str,
+        param_dtype: str,
+        rngs: nnx.Rngs | None,
+        axis_name: str | None = "embed",
+    ):
         self.eps = eps
         self.dtype = dtype
         self.weight = declare(rngs, (size,), (axis_name,), param_dtype, init="ones")

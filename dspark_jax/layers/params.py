@@ -11,8 +11,15 @@ class Frozen(nnx.Variable):
     """A weight copied from the target and never trained (spec §5.3): optimizers filter it out by type."""
 
 
-def declare(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: str,
-            init: str = "normal", std: float = 0.02, kind: type = nnx.Param) -> nnx.Variable:
+def declare(
+    rngs: nnx.Rngs | None,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    dtype: str,
+    init: str = "normal",
+    std: float = 0.02,
+    kind: type = nnx.Param,
+) -> nnx.Variable:
     """A Variable of `kind` holding `shape` in `dtype`, tagged with logical `axes` (see sharding.ShardingRules).
 
     `init` is 'normal' (N(0, std^2), the reference's init for linear and table weights), 'ones' (norm scales)

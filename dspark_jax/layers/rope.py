@@ -19,8 +19,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None) 
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
     """Rotate x: [batch, seq, heads, head_dim] at positions i32[batch, seq]; angles and rotation in f32."""
     # Highest precision: a bf16 product of a large position and a frequency loses whole radians.
-    angles = jnp.einsum("bt,f->btf", positions.astype(jnp.float32), inv_freq,
-                        precision=jax.lax.Precision.HIGHEST)[:, :, None, :]  # [b, t, 1, h/2]
+    angles = jnp.einsum("bt,f->btf", positions.astype(jnp.float32), inv_freq, precision=jax.lax.Precision.HIGHEST)[
+        :, :, None, :
+    ]  # [b, t, 1, h/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)

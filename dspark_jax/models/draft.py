@@ -34,8 +34,7 @@ class Draft(nnx.Module):
         self.config = config
         c = config.model
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.embed_tokens = declare(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype,
-                                    kind=Frozen)
+        self.embed_tokens = declare(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype, kind=Frozen)
         self.fc = declare(rngs, (config.num_taps * c.hidden_size, c.hidden_size), ("taps", "embed"), c.param_dtype)
         norm = RMSNorm if config.gemma4 is None else Gemma4RMSNorm  # Gemma4 scales in f32 before the cast (§4.5)
         self.hidden_norm = norm(c.hidden_size, c.rms_norm_eps, **kw)
@@ -43,8 +42,14 @@ class Draft(nnx.Module):
         self.norm = norm(c.hidden_size, c.rms_norm_eps, **kw)
         self.lm_head = declare(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype, kind=Frozen)
         if config.use_markov:
-            self.markov_head = MarkovHead(c.vocab_size, c.hidden_size, config.markov_rank, config.markov_head_type,
-                                          param_dtype=c.param_dtype, rngs=rngs)
+            self.markov_head = MarkovHead(
+                c.vocab_size,
+                c.hidden_size,
+                config.markov_rank,
+                config.markov_head_type,
+                param_dtype=c.param_dtype,
+                rngs=rngs,
+            )
         if config.enable_confidence_head:
             n_in = c.hidden_size + (config.markov_rank if config.confidence_head_with_markov else 0)
             self.confidence_head = ConfidenceHead(n_in, param_dtype=c.param_dtype, rngs=rngs)
@@ -96,7 +101,7 @@ class Draft(nnx.Module):
         if self.config.gemma4 is not None:  # x sqrt(hidden), in the table's dtype like the target (spec §4.2)
             z = z * embed_scale(c.hidden_size, c.param_dtype)
         z = z.astype(c.dtype)
-        scale = c.head_dim ** -0.5
+        scale = c.head_dim**-0.5
         for layer, (ctx_k, ctx_v) in zip(self.layers, context_kv):
             if self.config.gemma4 is not None:
                 z = layer.draft_step(z, positions, ctx_k, ctx_v, mask)
@@ -120,16 +125,22 @@ class Draft(nnx.Module):
         bsz, slots = anchors.shape[0], self.config.block_size
         positions = anchor_positions[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :]
         visible_ctx = jnp.arange(cache.cache_len)[None, :] < cache.lengths[:, None]  # [b, s]
-        mask = jnp.concatenate([jnp.broadcast_to(visible_ctx[:, None, :], (bsz, slots, cache.cache_len)),
-                                jnp.ones((bsz, slots, slots), bool)], axis=-1)
+        mask = jnp.concatenate(
+            [
+                jnp.broadcast_to(visible_ctx[:, None, :], (bsz, slots, cache.cache_len)),
+                jnp.ones((bsz, slots, slots), bool),
+            ],
+            axis=-1,
+        )
         context_kv = [(cache.k[i], cache.v[i]) for i in range(len(self.layers))]
         return self.layers_forward(self.block_inputs(anchors), positions, context_kv, mask)
 
     def base_logits(self, hidden: jax.Array) -> jax.Array:
         """u_j = W_lm h_j (spec §4.6): [..., hidden] -> f32[..., vocab]."""
         dtype = self.config.model.dtype
-        logits = jnp.einsum("...d,dv->...v", hidden.astype(dtype), self.lm_head[...].astype(dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "...d,dv->...v", hidden.astype(dtype), self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
+        )
         return logits if self.config.gemma4 is None else soft_cap(logits, self.config.gemma4.final_logit_softcapping)
 
     # ------------------------------------------------------------------------------------------- heads (§4.7-4.8)

@@ -30,8 +30,9 @@ class LayerScalar(Frozen):
     """Gemma4's per-layer output multiplier: a checkpoint buffer (value 1.0, spec §4.5), never trained."""
 
 
-def gemma4_rope_frequencies(head_dim: int, theta: float, rope_type: str, partial_rotary_factor: float,
-                            factor: float) -> jax.Array:
+def gemma4_rope_frequencies(
+    head_dim: int, theta: float, rope_type: str, partial_rotary_factor: float, factor: float
+) -> jax.Array:
     """f32[head_dim // 2] inverse frequencies of the target's full-attention RoPE (spec §4.3).
 
     'proportional': the first floor(partial_rotary_factor * head_dim / 2) pairs rotate at theta^(-2i/head_dim) / factor,
@@ -49,7 +50,7 @@ def gemma4_rope_frequencies(head_dim: int, theta: float, rope_type: str, partial
 def embed_scale(hidden_size: int, param_dtype: str) -> jax.Array:
     """Gemma's embedding multiplier sqrt(hidden), rounded to the table's dtype first (spec §4.2; 3072: 55.43 -> 55.5
     in bf16)."""
-    return jnp.asarray(hidden_size ** 0.5, dtype=param_dtype)
+    return jnp.asarray(hidden_size**0.5, dtype=param_dtype)
 
 
 def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
@@ -65,8 +66,17 @@ class Gemma4RMSNorm(nnx.Module):
     `with_scale=False` is the scale-free value norm.
     """
 
-    def __init__(self, size: int, eps: float, *, dtype: str, param_dtype: str, rngs: nnx.Rngs | None,
-                 axis_name: str | None = "embed", with_scale: bool = True):
+    def __init__(
+        self,
+        size: int,
+        eps: float,
+        *,
+        dtype: str,
+        param_dtype: str,
+        rngs: nnx.Rngs | None,
+        axis_name: str | None = "embed",
+        with_scale: bool = True,
+    ):
         self.eps = eps
         self.dtype = dtype
         self.with_scale = with_scale
@@ -86,8 +96,20 @@ class Gemma4Attention(nnx.Module):
     With `k_eq_v` there is no v_proj: values are the raw key projections, value-normed (spec §4.5).
     """
 
-    def __init__(self, hidden: int, q_heads: int, kv_heads: int, head_dim: int, eps: float, rope: tuple,
-                 k_eq_v: bool, *, dtype: str, param_dtype: str, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        hidden: int,
+        q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+        rope: tuple,
+        k_eq_v: bool,
+        *,
+        dtype: str,
+        param_dtype: str,
+        rngs: nnx.Rngs | None,
+    ):
         self.dtype = dtype
         self.head_dim = head_dim
         self.k_eq_v = k_eq_v
@@ -126,8 +148,7 @@ class Gemma4Attention(nnx.Module):
 class Gemma4MLP(nnx.Module):
     """Gated MLP: down(act(gate x) * up x) with the target's configured activation."""
 
-    def __init__(self, hidden: int, ffw: int, activation: str, *, dtype: str, param_dtype: str,
-                 rngs: nnx.Rngs | None):
+    def __init__(self, hidden: int, ffw: int, activation: str, *, dtype: str, param_dtype: str, rngs: nnx.Rngs | None):
         self.dtype = dtype
         self.activation = activation
         self.gate_proj = declare(rngs, (hidden, ffw), ("embed", "ffw"), param_dtype)
@@ -139,8 +160,9 @@ class Gemma4MLP(nnx.Module):
         x = x.astype(self.dtype)
         gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(self.dtype))
         up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(self.dtype))
-        return jnp.einsum("btf,fd->btd", ACTIVATIONS[self.activation](gate) * up,
-                          self.down_proj[...].astype(self.dtype))
+        return jnp.einsum(
+            "btf,fd->btd", ACTIVATIONS[self.activation](gate) * up, self.down_proj[...].astype(self.dtype)
+        )
 
 
 class Gemma4DecoderLayer(nnx.Module):
@@ -153,16 +175,24 @@ class Gemma4DecoderLayer(nnx.Module):
         self.dtype = c.dtype
         self.input_layernorm = Gemma4RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.self_attn = Gemma4Attention(
-            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
-            (c.rope_theta, g.rope_type, g.partial_rotary_factor, g.rope_factor), g.attention_k_eq_v, **kw)
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.rms_norm_eps,
+            (c.rope_theta, g.rope_type, g.partial_rotary_factor, g.rope_factor),
+            g.attention_k_eq_v,
+            **kw,
+        )
         self.post_attention_layernorm = Gemma4RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.pre_feedforward_layernorm = Gemma4RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.mlp = Gemma4MLP(c.hidden_size, c.intermediate_size, g.hidden_activation, **kw)
         self.post_feedforward_layernorm = Gemma4RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.layer_scalar = declare(rngs, (1,), (None,), c.param_dtype, init="ones", kind=LayerScalar)
 
-    def draft_step(self, z: jax.Array, positions: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array,
-                   mask: jax.Array) -> jax.Array:
+    def draft_step(
+        self, z: jax.Array, positions: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, mask: jax.Array
+    ) -> jax.Array:
         """One layer over block rows with injected context keys/values (spec §4.4 dataflow, §4.5 conventions).
 
         z: [batch, t, hidden] block rows; positions i32[batch, t]; ctx_k, ctx_v: [batch, s, kv_heads, head_dim]

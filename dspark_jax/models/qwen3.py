@@ -21,8 +21,16 @@ class DecoderLayer(nnx.Module):
         c = config
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
-        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                   c.rms_norm_eps, c.rope_theta, c.rope_scaling, **kw)
+        self.self_attn = Attention(
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.rms_norm_eps,
+            c.rope_theta,
+            c.rope_scaling,
+            **kw,
+        )
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
 
@@ -56,8 +64,9 @@ class Qwen3(nnx.Module):
             w = self.lm_head[...].astype(c.dtype)
         return jnp.einsum("...d,dv->...v", hidden.astype(c.dtype), w, preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 tap_layer_ids: tuple[int, ...] = ()):
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None, tap_layer_ids: tuple[int, ...] = ()
+    ):
         """Run the stack over a chunk.
 
         Args:

@@ -29,16 +29,18 @@ class TrainConfig:
 
     mode 'draft' trains a DSpark / DFlash draft against the frozen `target` (a fresh draft from `draft_config`, a
     JSON of DSpark fields merged over the target's config, or an existing `draft` folder); mode 'target' trains
-    the `target` itself on next-token CE. `loss_weights` (CE, L1, confidence) defaults to 0.1/0.9/1.0 for DSpark and
+    the `target` itself on next-token CE (or a fresh random target from `target_config`, an HF Qwen3 config.json,
+    whose tokenizer comes from `tokenizer`). `loss_weights` (CE, L1, confidence) defaults to 0.1/0.9/1.0 for DSpark and
     1/0/0 for DFlash; `num_anchors` 0 = the draft config's value; `max_steps` 0 = `epochs` full epochs;
     `stop_at_step` 0 = run to the end (else checkpoint and stop there, resumable with `resume`);
     `dtype` is the compute dtype (master weights are always f32; None = float32 on CPU, bfloat16 elsewhere).
     """
 
     mode: str
-    target: str
+    target: str | None
     data: str
     output_dir: str
+    target_config: str | None = None
     draft: str | None = None
     draft_config: str | None = None
     tokenizer: str | None = None
@@ -72,19 +74,38 @@ class TrainConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise UsageError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("target", "data", "output_dir"):
+        if self.mode == "target" and (self.target is None) == (self.target_config is None):
+            raise UsageError(
+                "mode target needs exactly one of target (a model to continue) and target_config "
+                "(an HF Qwen3 config.json for a fresh one)"
+            )
+        if self.target_config is not None and (self.mode != "target" or self.tokenizer is None):
+            raise UsageError("target_config is for mode target and needs tokenizer (the fresh target's tokenizer.json)")
+        for name in ("data", "output_dir") if self.target is None else ("target", "data", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UsageError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
         if self.mode == "draft" and (self.draft is None) == (self.draft_config is None):
-            raise UsageError("mode draft needs exactly one of draft (a draft folder to continue) and draft_config "
-                             "(a JSON of DSpark fields for a fresh draft)")
+            raise UsageError(
+                "mode draft needs exactly one of draft (a draft folder to continue) and draft_config "
+                "(a JSON of DSpark fields for a fresh draft)"
+            )
         if self.mode == "target":
             for name in ("draft", "draft_config", "feature_cache"):
                 if getattr(self, name) is not None:
                     raise UsageError(f"{name} applies to mode draft only, got {getattr(self, name)!r} with mode target")
-        for name, low in (("seq_len", 2), ("min_supervised", 0), ("batch_size", 1), ("grad_accum", 1),
-                          ("epochs", 1), ("max_steps", 0), ("stop_at_step", 0), ("num_anchors", 0), ("seed", 0),
-                          ("checkpoint_every", 1), ("log_every", 1)):
+        for name, low in (
+            ("seq_len", 2),
+            ("min_supervised", 0),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("epochs", 1),
+            ("max_steps", 0),
+            ("stop_at_step", 0),
+            ("num_anchors", 0),
+            ("seed", 0),
+            ("checkpoint_every", 1),
+            ("log_every", 1),
+        ):
             _int(name, getattr(self, name), low)
         _float("lr", self.lr, 0.0, 1.0, open_low=True)
         _float("warmup_fraction", self.warmup_fraction, 0.0, 1.0)

@@ -6,7 +6,6 @@ and `train.jsonl` / `heldout.jsonl` (token ids per file) so the training CLI can
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -59,16 +58,21 @@ def train_tokenizer(files: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     texts = (t for t in map(read_text, files) if t)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineArgumentParser(prog="python -m dspark_jax.training.corpus",
-                              description="Build the stdlib code corpus and its BPE tokenizer.")
+    p = OneLineArgumentParser(
+        prog="python -m dspark_jax.training.corpus", description="Build the stdlib code corpus and its BPE tokenizer."
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--heldout-percent", type=int, default=5)

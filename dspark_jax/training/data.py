@@ -70,8 +70,16 @@ def sample_anchors(loss_mask: jax.Array, num_anchors: int, keys: jax.Array) -> t
     return jnp.where(keep, order, 0).astype(jnp.int32), keep
 
 
-def build_blocks(tokens: jax.Array, loss_mask: jax.Array, anchors: jax.Array, keep: jax.Array, *, block_size: int,
-                 mask_token_id: int, loss_decay_gamma: float = 4.0) -> Blocks:
+def build_blocks(
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    anchors: jax.Array,
+    keep: jax.Array,
+    *,
+    block_size: int,
+    mask_token_id: int,
+    loss_decay_gamma: float = 4.0,
+) -> Blocks:
     """Inputs, positions, labels, supervision and weights of every block (spec §9.3.3-§9.3.6, §9.4).
 
     tokens: i32[batch, seq]; loss_mask: [batch, seq] (0/1); anchors: i32[batch, anchors]; keep: bool[batch, anchors].
@@ -97,8 +105,17 @@ def build_blocks(tokens: jax.Array, loss_mask: jax.Array, anchors: jax.Array, ke
     block_tokens = masks.at[..., 0].set(jnp.where(keep, anchor_tokens, mask_token_id))
     prev_tokens = jnp.concatenate([anchor_tokens[..., None], labels[..., :-1]], axis=-1)
     target_index = jnp.where(kept, jnp.minimum(positions, s - 2), 0)
-    return Blocks(anchors, keep, block_tokens, positions, prev_tokens, labels, target_index, eval_mask,
-                  loss_weights.astype(jnp.float32))
+    return Blocks(
+        anchors,
+        keep,
+        block_tokens,
+        positions,
+        prev_tokens,
+        labels,
+        target_index,
+        eval_mask,
+        loss_weights.astype(jnp.float32),
+    )
 
 
 def training_mask(anchors: jax.Array, keep: jax.Array, seq_len: int, block_size: int) -> jax.Array:
@@ -150,19 +167,26 @@ def _pack(rows: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> Corpus:
     mask = np.zeros((len(rows), seq_len), np.uint8)
     lengths = np.zeros((len(rows),), np.int32)
     for i, (ids, m) in enumerate(rows):
-        tokens[i, :len(ids)] = ids
-        mask[i, :len(ids)] = m
+        tokens[i, : len(ids)] = ids
+        mask[i, : len(ids)] = m
         lengths[i] = len(ids)
     return Corpus(tokens, mask, lengths)
 
 
-def load_corpus(path: str, seq_len: int, *, tokenizer_path: str | None = None, min_supervised: int = 1,
-                vocab_size: int | None = None) -> Corpus:
+def load_corpus(
+    path: str,
+    seq_len: int,
+    *,
+    tokenizer_path: str | None = None,
+    min_supervised: int = 1,
+    vocab_size: int | None = None,
+) -> Corpus:
     """Read training sequences.
 
-    `path` is either a .jsonl file with one {"input_ids": [...], "loss_mask": [...] (optional, default all 1)} per
-    line (truncated to seq_len), or a folder of *.txt files, each tokenized with `tokenizer_path` (a
-    tokenizers `tokenizer.json`) and cut into consecutive windows of seq_len tokens with every token supervised.
+    `path` is either a .jsonl file with one {"input_ids": [...] (or "ids"), "loss_mask": [...] (optional)} per line,
+    or a folder of *.txt files, each tokenized with `tokenizer_path` (a tokenizers `tokenizer.json`). A row with a
+    loss mask (e.g. a chat with supervised assistant turns) is truncated to seq_len (spec §9.1.3); a row without one
+    and each text file are plain token streams, cut into consecutive windows of seq_len tokens, all supervised.
     Sequences with fewer than `min_supervised` supervised tokens are dropped (spec §9.1.4).
     """
     rows: list[tuple[np.ndarray, np.ndarray]] = []
@@ -175,13 +199,17 @@ def load_corpus(path: str, seq_len: int, *, tokenizer_path: str | None = None, m
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     raise UsageError(f"--data {path} line {n} is not JSON") from None
-                if not isinstance(row, dict) or not isinstance(row.get("input_ids"), list):
-                    raise UsageError(f"--data {path} line {n} needs an 'input_ids' list of token ids")
-                ids = np.asarray(row["input_ids"], np.int64)[:seq_len]
-                mask = np.asarray(row.get("loss_mask", [1] * len(row["input_ids"])), np.int64)[:seq_len]
+                ids = row.get("input_ids", row.get("ids")) if isinstance(row, dict) else None
+                if not isinstance(ids, list):
+                    raise UsageError(f"--data {path} line {n} needs an 'input_ids' (or 'ids') list of token ids")
+                ids = np.asarray(ids, np.int64)
+                if "loss_mask" not in row:
+                    rows += _windows(ids, seq_len)
+                    continue
+                mask = np.asarray(row["loss_mask"], np.int64)
                 if ids.ndim != 1 or mask.shape != ids.shape:
                     raise UsageError(f"--data {path} line {n}: loss_mask must have one 0/1 entry per input id")
-                rows.append((ids, mask))
+                rows.append((ids[:seq_len], mask[:seq_len]))
     elif os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
         if not files:
@@ -193,10 +221,7 @@ def load_corpus(path: str, seq_len: int, *, tokenizer_path: str | None = None, m
         tok = Tokenizer.from_file(tokenizer_path)
         for name in files:
             with open(os.path.join(path, name), encoding="utf-8") as f:
-                ids = np.asarray(tok.encode(f.read(), add_special_tokens=False).ids, np.int64)
-            for start in range(0, len(ids), seq_len):
-                chunk = ids[start:start + seq_len]
-                rows.append((chunk, np.ones_like(chunk)))
+                rows += _windows(np.asarray(tok.encode(f.read(), add_special_tokens=False).ids, np.int64), seq_len)
     else:
         raise UsageError(f"--data must be a .jsonl file of token ids or a folder of .txt files, got {path!r}")
     for i, (ids, mask) in enumerate(rows):
@@ -210,6 +235,10 @@ def load_corpus(path: str, seq_len: int, *, tokenizer_path: str | None = None, m
     return _pack(rows, seq_len)
 
 
+def _windows(ids: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(ids[i : i + seq_len], np.ones_like(ids[i : i + seq_len])) for i in range(0, len(ids), seq_len)]
+
+
 def steps_per_epoch(num_seqs: int, global_batch: int) -> int:
     """floor(#sequences / global batch) (spec §9.5)."""
     return num_seqs // global_batch
@@ -220,7 +249,7 @@ def batch_indices(step: int, num_seqs: int, global_batch: int, seed: int) -> np.
     multiple of the global batch (spec §9.5). A pure function of the step, so a resumed run sees the same data."""
     per_epoch = steps_per_epoch(num_seqs, global_batch)
     epoch, i = divmod(step, per_epoch)
-    return _epoch_order(num_seqs, seed + epoch)[i * global_batch:(i + 1) * global_batch]
+    return _epoch_order(num_seqs, seed + epoch)[i * global_batch : (i + 1) * global_batch]
 
 
 @functools.lru_cache(maxsize=2)
@@ -258,8 +287,10 @@ class FeatureCache:
                 saved = json.load(f)
             if saved != signature:
                 diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
-                raise UsageError(f"feature cache {folder!r} was computed for other settings (differs in "
-                                 f"{', '.join(diff)}); use another folder or delete it")
+                raise UsageError(
+                    f"feature cache {folder!r} was computed for other settings (differs in "
+                    f"{', '.join(diff)}); use another folder or delete it"
+                )
         else:
             with open(path, "w") as f:
                 json.dump(signature, f, indent=1)

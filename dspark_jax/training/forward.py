@@ -65,8 +65,9 @@ def draft_forward(draft: Draft, features: jax.Array, last_hidden: jax.Array, blo
     ctx_positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (bsz, seq))
     context_kv = draft.context_kv(features, ctx_positions)
     mask = training_mask(blocks.anchors, blocks.keep, seq, slots)
-    h = draft.layers_forward(blocks.tokens.reshape(bsz, n * slots), blocks.positions.reshape(bsz, n * slots),
-                             context_kv, mask)
+    h = draft.layers_forward(
+        blocks.tokens.reshape(bsz, n * slots), blocks.positions.reshape(bsz, n * slots), context_kv, mask
+    )
     h = h.reshape(bsz, n, slots, -1)  # [b, n, j, d]
     base = draft.base_logits(h)
     logits, confidence = teacher_forced_heads(draft, h, base, blocks.prev_tokens)

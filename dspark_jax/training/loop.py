@@ -21,8 +21,15 @@ from dspark_jax.sharding import ShardingRules, state_shardings
 from dspark_jax.training.config import TrainConfig
 from dspark_jax.training.data import Corpus, FeatureCache, batch_indices, corpus_fingerprint, steps_per_epoch
 from dspark_jax.training.losses import DSPARK_LOSS_WEIGHTS
-from dspark_jax.training.step import (OptimizerConfig, StepSpec, TrainState, compute_features, init_train_state,
-                                      state_leaf_shardings, train_step)
+from dspark_jax.training.step import (
+    OptimizerConfig,
+    StepSpec,
+    TrainState,
+    compute_features,
+    init_train_state,
+    state_leaf_shardings,
+    train_step,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -60,17 +67,34 @@ class FitResult:
 def total_steps(cfg: TrainConfig, num_seqs: int) -> int:
     per_epoch = steps_per_epoch(num_seqs, cfg.global_batch)
     if per_epoch < 1:
-        raise UsageError(f"the corpus holds {num_seqs} sequence(s), fewer than one global batch "
-                         f"(batch_size * grad_accum = {cfg.global_batch})")
+        raise UsageError(
+            f"the corpus holds {num_seqs} sequence(s), fewer than one global batch "
+            f"(batch_size * grad_accum = {cfg.global_batch})"
+        )
     return cfg.max_steps or cfg.epochs * per_epoch
 
 
 def make_spec(job: TrainJob, cfg: TrainConfig, num_steps: int) -> StepSpec:
-    opt = OptimizerConfig(lr=cfg.lr, warmup_steps=int(cfg.warmup_fraction * num_steps), total_steps=num_steps,
-                          b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                          grad_clip=cfg.grad_clip)
-    return StepSpec(job.mode, job.graphdef, opt, job.target_graphdef, tuple(job.tap_layer_ids), job.num_anchors,
-                    tuple(job.loss_weights), cfg.loss_decay_gamma)
+    opt = OptimizerConfig(
+        lr=cfg.lr,
+        warmup_steps=int(cfg.warmup_fraction * num_steps),
+        total_steps=num_steps,
+        b1=cfg.adam_b1,
+        b2=cfg.adam_b2,
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+    )
+    return StepSpec(
+        job.mode,
+        job.graphdef,
+        opt,
+        job.target_graphdef,
+        tuple(job.tap_layer_ids),
+        job.num_anchors,
+        tuple(job.loss_weights),
+        cfg.loss_decay_gamma,
+    )
 
 
 def _place(tree, mesh):
@@ -114,8 +138,9 @@ def restore_checkpoint(folder: str, like: TrainState) -> tuple[TrainState, dict]
         meta = json.load(f)
     names, leaves, treedef = _leaves(like)
     if meta["leaves"] != names:
-        raise UsageError(f"checkpoint {folder!r} holds another model or optimizer than this run (its parameter list "
-                         "differs)")
+        raise UsageError(
+            f"checkpoint {folder!r} holds another model or optimizer than this run (its parameter list differs)"
+        )
     target = {f"{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for i, x in enumerate(leaves)}
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.abspath(os.path.join(folder, "state")), target)
@@ -140,17 +165,19 @@ def _prune(output_dir: str) -> None:
 # ------------------------------------------------------------------------------------------------------- batches
 
 
-def _make_batch(corpus: Corpus, ids: np.ndarray, cfg: TrainConfig, job: TrainJob, cache: FeatureCache | None,
-                mesh) -> dict:
+def _make_batch(
+    corpus: Corpus, ids: np.ndarray, cfg: TrainConfig, job: TrainJob, cache: FeatureCache | None, mesh
+) -> dict:
     shape = (cfg.grad_accum, cfg.batch_size)
     batch = {"tokens": corpus.tokens[ids].reshape(*shape, -1), "loss_mask": corpus.loss_mask[ids].reshape(*shape, -1)}
     if cache is not None:
         missing = [int(i) for i in ids if not cache.has(int(i))]
         for start in range(0, len(missing), cfg.batch_size):  # fixed [batch_size, seq] shape: one compile
-            chunk = missing[start:start + cfg.batch_size]
+            chunk = missing[start : start + cfg.batch_size]
             rows = chunk + [chunk[0]] * (cfg.batch_size - len(chunk))
-            feats, last = compute_features(job.target_graphdef, job.target_state, jnp.asarray(corpus.tokens[rows]),
-                                           job.tap_layer_ids)
+            feats, last = compute_features(
+                job.target_graphdef, job.target_state, jnp.asarray(corpus.tokens[rows]), job.tap_layer_ids
+            )
             feats, last = np.asarray(feats), np.asarray(last)
             for k, seq_id in enumerate(chunk):
                 cache.save(seq_id, feats[k], last[k])
@@ -180,8 +207,9 @@ def fit(job: TrainJob, corpus: Corpus, cfg: TrainConfig, *, mesh=None) -> FitRes
     """
     num_steps = total_steps(cfg, len(corpus))
     if mesh is not None and cfg.batch_size % mesh.shape["data"]:
-        raise UsageError(f"batch_size ({cfg.batch_size}) must be a multiple of the mesh's data axis "
-                         f"({mesh.shape['data']})")
+        raise UsageError(
+            f"batch_size ({cfg.batch_size}) must be a multiple of the mesh's data axis ({mesh.shape['data']})"
+        )
     spec = make_spec(job, cfg, num_steps)
     params = _place(job.params, mesh)
     frozen = _place(job.frozen, mesh)
@@ -190,10 +218,16 @@ def fit(job: TrainJob, corpus: Corpus, cfg: TrainConfig, *, mesh=None) -> FitRes
     state = init_train_state(params, spec.optimizer)
     if mesh is not None:  # scalars (step, optimizer counts) replicated, so the layout is fixed from step 0
         replicated = NamedSharding(mesh, PartitionSpec())
-        state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-                             state)
-    meta = {"total_steps": num_steps, "seed": cfg.seed, "global_batch": cfg.global_batch,
-            "num_sequences": len(corpus), "mode": cfg.mode}
+        state = jax.tree.map(
+            lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), state
+        )
+    meta = {
+        "total_steps": num_steps,
+        "seed": cfg.seed,
+        "global_batch": cfg.global_batch,
+        "num_sequences": len(corpus),
+        "mode": cfg.mode,
+    }
     os.makedirs(cfg.output_dir, exist_ok=True)
     log_path = os.path.join(cfg.output_dir, METRICS_FILE)
     if cfg.resume:
@@ -203,8 +237,10 @@ def fit(job: TrainJob, corpus: Corpus, cfg: TrainConfig, *, mesh=None) -> FitRes
         state, saved = restore_checkpoint(ckpt, state)
         for k, v in meta.items():
             if saved.get(k) != v:
-                raise UsageError(f"resume: checkpoint {ckpt!r} was written with {k}={saved.get(k)!r}, this run has "
-                                 f"{v!r}; resume with the same data and settings")
+                raise UsageError(
+                    f"resume: checkpoint {ckpt!r} was written with {k}={saved.get(k)!r}, this run has "
+                    f"{v!r}; resume with the same data and settings"
+                )
         _truncate_log(log_path, int(state.step))
     elif os.path.exists(log_path):
         os.remove(log_path)
@@ -214,21 +250,28 @@ def fit(job: TrainJob, corpus: Corpus, cfg: TrainConfig, *, mesh=None) -> FitRes
     cache = None
     if cfg.feature_cache and job.mode == "draft":
         leaves = jax.tree.leaves(job.target_state)
-        signature = {"target": os.path.abspath(cfg.target), "tap_layer_ids": list(job.tap_layer_ids),
-                     "dtype": str(leaves[0].dtype), "corpus": corpus_fingerprint(corpus)}
+        signature = {
+            "target": os.path.abspath(cfg.target),
+            "tap_layer_ids": list(job.tap_layer_ids),
+            "dtype": str(leaves[0].dtype),
+            "corpus": corpus_fingerprint(corpus),
+        }
         cache = FeatureCache(cfg.feature_cache, signature)
     base_key = jax.random.key(cfg.seed)
     history: list[dict] = []
     from tqdm import tqdm
 
     per_epoch = steps_per_epoch(len(corpus), cfg.global_batch)
-    with tqdm(total=end, initial=start, desc=f"train {job.mode}", disable=not cfg.progress or None,
-              dynamic_ncols=True) as bar, open(log_path, "a") as log:
+    with (
+        tqdm(
+            total=end, initial=start, desc=f"train {job.mode}", disable=not cfg.progress or None, dynamic_ncols=True
+        ) as bar,
+        open(log_path, "a") as log,
+    ):
         for step in range(start, end):
             ids = batch_indices(step, len(corpus), cfg.global_batch, cfg.seed)
             batch = _make_batch(corpus, ids, cfg, job, cache, mesh)
-            state, metrics = train_step(state, frozen, target_state, batch, base_key, spec=spec,
-                                         shardings=shardings)
+            state, metrics = train_step(state, frozen, target_state, batch, base_key, spec=spec, shardings=shardings)
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
                 record = {"step": done, "epoch": step // per_epoch, **_to_host(metrics)}

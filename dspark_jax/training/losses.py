@@ -29,8 +29,9 @@ def bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.maximum(x, 0.0) - x * labels + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def slot_losses(logits: jax.Array, target_logits: jax.Array, labels: jax.Array,
-                confidence_logits: jax.Array | None = None) -> dict[str, jax.Array]:
+def slot_losses(
+    logits: jax.Array, target_logits: jax.Array, labels: jax.Array, confidence_logits: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Per-slot loss terms, filled for every slot (supervised or not).
 
     logits, target_logits: [..., vocab] (draft u_j + beta_j, target); labels: i32[...]; confidence_logits: [...].
@@ -48,8 +49,12 @@ def slot_losses(logits: jax.Array, target_logits: jax.Array, labels: jax.Array,
     return out
 
 
-def draft_loss(outputs: DraftOutputs, blocks: Blocks, loss_weights: tuple[float, float, float] = DSPARK_LOSS_WEIGHTS,
-               candidates: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def draft_loss(
+    outputs: DraftOutputs,
+    blocks: Blocks,
+    loss_weights: tuple[float, float, float] = DSPARK_LOSS_WEIGHTS,
+    candidates: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss = w_ce * CE + w_l1 * L1 + w_conf * BCE, each term normalised by the slot weights of every block of
     the batch (spec §9.4). `candidates` (bool[batch, seq], optional) only feeds the anchor statistics.
 
@@ -58,8 +63,11 @@ def draft_loss(outputs: DraftOutputs, blocks: Blocks, loss_weights: tuple[float,
     terms = slot_losses(outputs.logits, outputs.target_logits, blocks.labels, outputs.confidence_logits)
     w = blocks.loss_weights
     w_ce, w_l1, w_conf = loss_weights
-    metrics = {"loss_ce": weighted_mean(terms["ce"], w), "loss_l1": weighted_mean(terms["l1"], w),
-               "loss_weight_sum": jnp.sum(w)}
+    metrics = {
+        "loss_ce": weighted_mean(terms["ce"], w),
+        "loss_l1": weighted_mean(terms["l1"], w),
+        "loss_weight_sum": jnp.sum(w),
+    }
     total = w_ce * metrics["loss_ce"] + w_l1 * metrics["loss_l1"]
     if "bce" in terms:
         metrics["loss_confidence"] = weighted_mean(terms["bce"], w)
@@ -73,8 +81,9 @@ def draft_loss(outputs: DraftOutputs, blocks: Blocks, loss_weights: tuple[float,
     return total, metrics
 
 
-def acceptance_metrics(alpha: jax.Array, eval_mask: jax.Array,
-                       confidence_logits: jax.Array | None = None) -> dict[str, jax.Array]:
+def acceptance_metrics(
+    alpha: jax.Array, eval_mask: jax.Array, confidence_logits: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Teacher-forced acceptance (spec §7.2) from alpha f32[..., anchors, slots] and eval_mask bool[..., slots].
 
     accept_rate f32[slots]: mean alpha_j over supervised slots; tau: mean over blocks with at least one supervised

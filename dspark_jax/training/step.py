@@ -100,8 +100,9 @@ def init_train_state(params: nnx.State, optimizer: OptimizerConfig) -> TrainStat
     return TrainState(params, opt_state, jnp.zeros((), jnp.int32))
 
 
-def loss_fn(params: nnx.State, frozen: nnx.State, target_state: nnx.State | None, micro: dict, key: jax.Array,
-            spec: StepSpec):
+def loss_fn(
+    params: nnx.State, frozen: nnx.State, target_state: nnx.State | None, micro: dict, key: jax.Array, spec: StepSpec
+):
     """Loss of one micro-batch. micro: tokens i32[batch, seq], loss_mask [batch, seq], and optionally cached
     `features` [batch, seq, taps * hidden] / `last_hidden` [batch, seq, hidden]. Returns (loss, metrics)."""
     model = nnx.merge(spec.graphdef, params, frozen)
@@ -119,15 +120,30 @@ def loss_fn(params: nnx.State, frozen: nnx.State, target_state: nnx.State | None
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(tokens.shape[0]))
     anchors, keep = sample_anchors(loss_mask, spec.num_anchors, row_keys)
     c = model.config
-    blocks = build_blocks(tokens, loss_mask, anchors, keep, block_size=c.block_size, mask_token_id=c.mask_token_id,
-                          loss_decay_gamma=spec.loss_decay_gamma)
+    blocks = build_blocks(
+        tokens,
+        loss_mask,
+        anchors,
+        keep,
+        block_size=c.block_size,
+        mask_token_id=c.mask_token_id,
+        loss_decay_gamma=spec.loss_decay_gamma,
+    )
     outputs = draft_forward(model, features, last_hidden, blocks)
     return draft_loss(outputs, blocks, spec.loss_weights, candidate_anchors(loss_mask))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "shardings"), donate_argnames=("state",))
-def train_step(state: TrainState, frozen: nnx.State, target_state: nnx.State | None, batch: dict,
-               base_key: jax.Array, *, spec: StepSpec, shardings: tuple | None = None) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    frozen: nnx.State,
+    target_state: nnx.State | None,
+    batch: dict,
+    base_key: jax.Array,
+    *,
+    spec: StepSpec,
+    shardings: tuple | None = None,
+) -> tuple[TrainState, dict]:
     """One optimizer update. `state` is donated.
 
     batch: tokens i32[accum, batch, seq], loss_mask [accum, batch, seq] (+ cached features [accum, batch, seq, ...]).
@@ -148,6 +164,7 @@ def train_step(state: TrainState, frozen: nnx.State, target_state: nnx.State | N
     if accum == 1:
         grads, metrics = micro(0, jax.tree.map(lambda x: x[0], batch))
     else:
+
         def body(carry, xs):
             g, m = micro(*xs)
             return jax.tree.map(jnp.add, carry, (g, m)), None
@@ -163,8 +180,9 @@ def train_step(state: TrainState, frozen: nnx.State, target_state: nnx.State | N
     new_state = TrainState(params, opt_state, state.step + 1)
     if shardings is not None:
         leaves, treedef = jax.tree.flatten(new_state)
-        new_state = jax.tree.unflatten(treedef, [jax.lax.with_sharding_constraint(x, s)
-                                                 for x, s in zip(leaves, shardings)])
+        new_state = jax.tree.unflatten(
+            treedef, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings)]
+        )
     return new_state, metrics
 
 
@@ -175,8 +193,9 @@ def state_leaf_shardings(state: TrainState) -> tuple | None:
 
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "tap_layer_ids"))
-def compute_features(target_graphdef: nnx.GraphDef, target_state: nnx.State, tokens: jax.Array,
-                     tap_layer_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def compute_features(
+    target_graphdef: nnx.GraphDef, target_state: nnx.State, tokens: jax.Array, tap_layer_ids: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
     """Target features of tokens i32[batch, seq] for the on-disk cache: (taps [batch, seq, taps * hidden],
     last_hidden [batch, seq, hidden]) in the target's compute dtype."""
     return target_features(nnx.merge(target_graphdef, target_state), tokens, tap_layer_ids)
