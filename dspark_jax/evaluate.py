@@ -81,8 +81,12 @@ def run(args: EvalArgs) -> dict:
     )
     result = dj.generate(target, draft, **kwargs)
     metrics = speculative_metrics(result.acceptance_lengths, result.proposal_lengths, draft.config.block_size)
-    return {"metrics": metrics, "num_prompts": len(prompts), "new_tokens": result.new_tokens,
-            "config": dataclasses.asdict(args)}
+    return {
+        "metrics": metrics,
+        "num_prompts": len(prompts),
+        "new_tokens": result.new_tokens,
+        "config": dataclasses.asdict(args),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", required=True)
     p.add_argument("--draft", required=True)
     p.add_argument("--data", required=True, help="jsonl of token ids or chat turns")
-    for name, kind in (("num_prompts", int), ("prompt_len", int), ("max_new_tokens", int), ("temperature", float),
-                       ("top_p", float), ("top_k", int), ("seed", int)):
+    for name, kind in (
+        ("num_prompts", int),
+        ("prompt_len", int),
+        ("max_new_tokens", int),
+        ("temperature", float),
+        ("top_p", float),
+        ("top_k", int),
+        ("seed", int),
+    ):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=EvalArgs.__dataclass_fields__[name].default)
     p.add_argument("--verify", default="full")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
