@@ -31,17 +31,17 @@ class KVCache:
         return self.k.shape[2]
 
 
-def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write new[b] into buf[b, starts[b]:starts[b]+t].
+def write_layer(buf: jax.Array, layer: int, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Write new[b] into buf[layer, b, starts[b]:starts[b]+t] as one scatter.
 
-    buf: [batch, cache_len, ...]; new: [batch, t, ...]; starts: i32[batch]. Callers size buffers so that
-    starts + t <= cache_len for live rows (dynamic_update_slice would clamp, shifting the write).
+    buf: [layers, batch, cache_len, ...]; new: [batch, t, ...]; starts: i32[batch]. A scatter into the stacked
+    buffer stays in place inside a while_loop (slicing out a layer and setting it back made XLA copy the whole
+    cache every round), and positions past cache_len are dropped rather than clamped onto valid rows.
     """
-
-    def one(row, chunk, start):
-        return jax.lax.dynamic_update_slice_in_dim(row, chunk.astype(row.dtype), start, axis=0)
-
-    return jax.vmap(one)(buf, new, starts)
+    b, t = new.shape[:2]
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    cols = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return buf.at[layer, rows, cols].set(new.astype(buf.dtype), mode="drop")
 
 
 def causal_mask(q_positions: jax.Array, cache_len: int) -> jax.Array:

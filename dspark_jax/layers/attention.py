@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.cache import causal_mask, write_rows
+from dspark_jax.cache import causal_mask, write_layer
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import declare
 from dspark_jax.layers.rope import apply_rope, rope_frequencies
@@ -78,22 +78,21 @@ class Attention(nnx.Module):
         """a: [batch, t, q_heads, head_dim] -> [batch, t, hidden]."""
         return jnp.einsum("btnh,nhd->btd", a, self.o_proj[...].astype(self.dtype))
 
-    def __call__(
-        self, x: jax.Array, positions: jax.Array, k_cache: jax.Array | None = None, v_cache: jax.Array | None = None
-    ):
+    def __call__(self, x: jax.Array, positions: jax.Array, kv: tuple | None = None, layer: int = 0):
         """Causal self-attention over a chunk, optionally through a cache.
 
-        x: [batch, t, hidden]; positions: i32[batch, t] (consecutive per row). With caches
-        ([batch, cache_len, kv_heads, head_dim]) the chunk's k/v are written at positions[:, 0] first and queries
-        attend to every cache slot at or before their position. Returns (out, k_cache, v_cache).
+        x: [batch, t, hidden]; positions: i32[batch, t] (consecutive per row). With `kv` = the stacked caches
+        (k, v), each [layers, batch, cache_len, kv_heads, head_dim], the chunk's k/v are written into `layer` at
+        positions[:, 0] first and queries attend to every slot at or before their position.
+        Returns (out, kv) with kv updated (None without a cache).
         """
         q = self.queries(x, positions)
         k, v = self.keys_values(x, positions)
         scale = self.head_dim**-0.5
-        if k_cache is None:
+        if kv is None:
             mask = positions[:, None, :] <= positions[:, :, None]
-            return self.output(attend(q, k, v, mask, scale)), None, None
-        k_cache = write_rows(k_cache, k, positions[:, 0])
-        v_cache = write_rows(v_cache, v, positions[:, 0])
-        mask = causal_mask(positions, k_cache.shape[1])
-        return self.output(attend(q, k_cache, v_cache, mask, scale)), k_cache, v_cache
+            return self.output(attend(q, k, v, mask, scale)), None
+        k_all = write_layer(kv[0], layer, k, positions[:, 0])
+        v_all = write_layer(kv[1], layer, v, positions[:, 0])
+        mask = causal_mask(positions, k_all.shape[2])
+        return self.output(attend(q, k_all[layer], v_all[layer], mask, scale)), (k_all, v_all)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.cache import KVCache, write_rows
+from dspark_jax.cache import KVCache, write_layer
 from dspark_jax.configs import DraftConfig
 from dspark_jax.layers.attention import attend
 from dspark_jax.layers.norms import RMSNorm
@@ -77,8 +77,8 @@ class Draft(nnx.Module):
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         k_all, v_all = cache.k, cache.v
         for i, (k, v) in enumerate(self.context_kv(features, positions)):
-            k_all = k_all.at[i].set(write_rows(k_all[i], k, starts))
-            v_all = v_all.at[i].set(write_rows(v_all[i], v, starts))
+            k_all = write_layer(k_all, i, k, starts)
+            v_all = write_layer(v_all, i, v, starts)
         return KVCache(k_all, v_all, cache.lengths)
 
     # ------------------------------------------------------------------------------------------ block (§4.2-§4.4)

@@ -34,10 +34,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
 
-    def __call__(self, x, positions, k_cache=None, v_cache=None):
-        a, k_cache, v_cache = self.self_attn(self.input_layernorm(x), positions, k_cache, v_cache)
+    def __call__(self, x, positions, kv=None, layer: int = 0):
+        a, kv = self.self_attn(self.input_layernorm(x), positions, kv, layer)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Qwen3(nnx.Module):
@@ -80,20 +80,14 @@ class Qwen3(nnx.Module):
         """
         x = self.embed(tokens)
         outputs = {-1: x}
-        k_all = v_all = None
-        if cache is not None:
-            k_all, v_all = cache.k, cache.v
+        kv = None if cache is None else (cache.k, cache.v)
         wanted = set(tap_layer_ids)
         for i, layer in enumerate(self.layers):
-            if cache is None:
-                x, _, _ = layer(x, positions)
-            else:
-                x, k, v = layer(x, positions, k_all[i], v_all[i])
-                k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)
+            x, kv = layer(x, positions, kv, i)
             if i in wanted:
                 outputs[i] = x
         taps = jnp.concatenate([outputs[i] for i in tap_layer_ids], axis=-1) if tap_layer_ids else None
-        new_cache = None if cache is None else KVCache(k_all, v_all, cache.lengths)
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], cache.lengths)
         return self.norm(x), taps, new_cache
 
     def init_cache(self, batch: int, cache_len: int) -> KVCache:
