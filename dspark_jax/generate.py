@@ -142,6 +142,8 @@ def run(args: GenerateArgs) -> dict:
         raise DSparkError("the embedded default pair (dspark_jax/assets/tiny_code) is not built yet; pass --target")
     if args.draft is None and args.target is not None and not args.no_draft:
         raise UsageError("--target without --draft: pass --draft PATH|ID or --no-draft")
+    if args.no_draft and args.verify != "full":
+        raise UsageError(f"--verify {args.verify} needs a draft; with --no-draft only 'full' applies")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     target = dj.load_target(target_path, dtype=dtype)
     draft = dj.load_draft(draft_path, target=target) if draft_path else None

@@ -112,6 +112,7 @@ def _truncated_copy(pair, tmp_path) -> str:
 
 
 CLI_ERRORS = [
+    (["--no-draft", "--verify", "threshold:0.5", "--prompt-ids", "1"], "needs a draft"),
     (["--target", "/nonexistent/qwen3", "--no-draft", "--prompt-ids", "1"], "does not exist"),
     ([None, "--no-draft", "--prompt-ids", "1"], "truncated"),
     (["--no-draft", "--prompt-ids", ""], "empty"),
