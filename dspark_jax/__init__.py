@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_target": "dspark_jax.loading",
     "load_draft": "dspark_jax.loading",
+    "load_gemma4_draft": "dspark_jax.loading",
     "Target": "dspark_jax.loading",
     "DraftHandle": "dspark_jax.loading",
     "generate": "dspark_jax.decoding.loop",

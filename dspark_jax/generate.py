@@ -198,8 +198,10 @@ def _print_human(out: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
-    args = GenerateArgs(**vars(ns))
+    # The bare command is the demo: it also shows the speedup over plain decoding on the same prompt.
+    args = GenerateArgs(**{**vars(ns), "compare": ns.compare or not argv})
     try:
         out = run(args)
     except DSparkError as e:
