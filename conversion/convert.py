@@ -139,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--src", required=True, help="HF-style folder or Hugging Face repo id")
     p.add_argument("--dst", required=True, help="output folder (written atomically)")
-    p.add_argument("--kind", default="auto", choices=("auto", "qwen3", "dspark", "dflash", "dspark_gemma4", "dflash_gemma4", "deepseek_v4"))
+    p.add_argument(
+        "--kind",
+        default="auto",
+        choices=("auto", "qwen3", "dspark", "dflash", "dspark_gemma4", "dflash_gemma4", "deepseek_v4"),
+    )
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--mesh", default="data=1,model=1,expert=1", help="mesh axis sizes, e.g. data=1,model=4")
     return p
