@@ -47,9 +47,3 @@ def write_layer(buf: jax.Array, layer: int, new: jax.Array, starts: jax.Array) -
 def causal_mask(q_positions: jax.Array, cache_len: int) -> jax.Array:
     """bool[batch, t, cache_len]: query at position p sees cache slots s <= p."""
     return jnp.arange(cache_len, dtype=jnp.int32)[None, None, :] <= q_positions[:, :, None]
-
-
-def prefix_mask(lengths: jax.Array, cache_len: int, t: int) -> jax.Array:
-    """bool[batch, t, cache_len]: every query of a row sees slots s < lengths[row] (draft context, spec §4.4)."""
-    visible = jnp.arange(cache_len, dtype=jnp.int32)[None, :] < lengths[:, None]
-    return jnp.broadcast_to(visible[:, None, :], (lengths.shape[0], t, cache_len))

@@ -8,7 +8,6 @@ import shutil
 import tempfile
 
 import jax
-import numpy as np
 from flax import nnx
 
 from dspark_jax.errors import DSparkError
@@ -84,8 +83,3 @@ def restore_state(src: str, abstract_state: nnx.State, shardings=None) -> nnx.St
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored)
     return state
-
-
-def to_numpy_tree(state: nnx.State) -> dict:
-    """Plain nested dict of host numpy arrays (for export)."""
-    return jax.tree.map(np.asarray, state.to_pure_dict())

@@ -70,7 +70,9 @@ def run(args: EvalArgs) -> dict:
     target = dj.load_target(args.target, dtype=args.dtype)
     draft = dj.load_draft(args.draft, target=target)
     prompts = load_prompts(args.data, args.num_prompts, args.prompt_len, args.seed, target.tokenizer)
-    kwargs = dict(
+    result = dj.generate(
+        target,
+        draft,
         prompts=prompts,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -79,7 +81,6 @@ def run(args: EvalArgs) -> dict:
         seed=args.seed,
         verify=args.verify,
     )
-    result = dj.generate(target, draft, **kwargs)
     metrics = speculative_metrics(result.acceptance_lengths, result.proposal_lengths, draft.config.block_size)
     return {
         "metrics": metrics,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.configs import DraftConfig
-from dspark_jax.layers.attention import attend
+from dspark_jax.layers.attention import Attention, attend
 from dspark_jax.layers.norms import rms_normalize
 from dspark_jax.layers.params import Frozen, declare
 from dspark_jax.layers.rope import apply_rope
@@ -90,10 +90,11 @@ class Gemma4RMSNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
-class Gemma4Attention(nnx.Module):
+class Gemma4Attention(Attention):
     """Draft attention with Gemma4 conventions: per-head q/k norms (scaled) and v norm (scale-free), scale 1.
 
     With `k_eq_v` there is no v_proj: values are the raw key projections, value-normed (spec §4.5).
+    `queries` and `output` are Attention's; the params, RoPE table and values differ.
     """
 
     def __init__(
@@ -128,21 +129,12 @@ class Gemma4Attention(nnx.Module):
     def inv_freq(self) -> jax.Array:
         return gemma4_rope_frequencies(self.head_dim, *self.rope)
 
-    def queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [batch, t, hidden], positions i32[batch, t] -> roped q [batch, t, q_heads, head_dim]."""
-        q = jnp.einsum("btd,dnh->btnh", x.astype(self.dtype), self.q_proj[...].astype(self.dtype))
-        return apply_rope(self.q_norm(q), positions, self.inv_freq)
-
     def keys_values(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [batch, t, hidden] -> roped, normed k and normed v, each [batch, t, kv_heads, head_dim]."""
         x = x.astype(self.dtype)
         k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(self.dtype))
         v = k if self.k_eq_v else jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(self.dtype))
         return apply_rope(self.k_norm(k), positions, self.inv_freq), self.v_norm(v)
-
-    def output(self, a: jax.Array) -> jax.Array:
-        """a: [batch, t, q_heads, head_dim] -> [batch, t, hidden]."""
-        return jnp.einsum("btnh,nhd->btd", a, self.o_proj[...].astype(self.dtype))
 
 
 class Gemma4MLP(nnx.Module):
