@@ -117,7 +117,9 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--prompt-len", type=int, default=64, help="length of the random prompts (default 64)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--verify", default="full", help="full | threshold:X")
+    p.add_argument(
+        "--verify", default="full", help="full | threshold:X | scheduler (spec §11: confidence + measured cost table)"
+    )
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),

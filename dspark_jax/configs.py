@@ -500,7 +500,8 @@ class SamplingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VerifyPolicy:
-    """How many of a block's drafts go to verification (spec §6.5): `full` or `threshold:X`."""
+    """How many of a block's drafts go to verification (spec §6.5): `full`, `threshold:X` or `scheduler` (the
+    cost-aware prefix scheduler of spec §11)."""
 
     kind: str = "full"
     threshold: float = 0.0
@@ -519,7 +520,5 @@ class VerifyPolicy:
                 raise UsageError(f"verify threshold must be a number in [0, 1], got {raw!r}")
             return cls("threshold", x)
         if text == "scheduler":
-            raise UsageError(
-                "verify 'scheduler' needs the prefix scheduler, which is not built yet; accepted: full, threshold:X"
-            )
-        raise UsageError(f"verify must be 'full' or 'threshold:X' with X in [0, 1], got {text!r}")
+            return cls("scheduler")
+        raise UsageError(f"verify must be 'full', 'threshold:X' with X in [0, 1] or 'scheduler', got {text!r}")

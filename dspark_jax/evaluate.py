@@ -2,7 +2,10 @@
 
 Prompts come from a jsonl of token ids (`{"ids": [...]}` or `{"prompt_ids": [...]}`: a window of `--prompt-len`
 tokens at a seeded offset of each row) or of chat turns (`{"turns": [...]}`, the eval_datasets format, through
-the tokenizer). Prints (and with `--out`, writes) one JSON object.
+the tokenizer). Prints (and with `--out`, writes) one JSON object. With full-block verification and a draft that has
+a confidence head it also reports the calibration metrics of spec §7.3, and `--save-calibration` fits the per-slot
+temperatures of spec §10 on these rounds and writes them to the draft folder's calibration.json (which load_draft
+then reads and `verify="scheduler"` uses).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class EvalArgs:
     verify: str = "full"
     dtype: str = "float32"
     out: str | None = None
+    save_calibration: bool = False
 
 
 def load_prompts(path: str, num_prompts: int, prompt_len: int, seed: int, tokenizer=None) -> list[list[int]]:
@@ -63,12 +67,17 @@ def load_prompts(path: str, num_prompts: int, prompt_len: int, seed: int, tokeni
 
 def run(args: EvalArgs) -> dict:
     import dspark_jax as dj
-    from dspark_jax.metrics import speculative_metrics
+    from dspark_jax.decoding.calibration import fit_temperatures, save_calibration
+    from dspark_jax.metrics import calibration_data, calibration_metrics, speculative_metrics
 
     dj.SamplingConfig(args.temperature, args.top_p, args.top_k)
     dj.VerifyPolicy.parse(args.verify)
+    if args.save_calibration and args.verify != "full":
+        raise UsageError(f"--save-calibration fits on full blocks; got --verify {args.verify} (accepted: full)")
     target = dj.load_target(args.target, dtype=args.dtype)
     draft = dj.load_draft(args.draft, target=target)
+    if args.save_calibration and not draft.config.enable_confidence_head:
+        raise UsageError(f"--save-calibration needs a draft with a confidence head; {args.draft!r} has none")
     prompts = load_prompts(args.data, args.num_prompts, args.prompt_len, args.seed, target.tokenizer)
     result = dj.generate(
         target,
@@ -82,7 +91,24 @@ def run(args: EvalArgs) -> dict:
         verify=args.verify,
     )
     metrics = speculative_metrics(result.acceptance_lengths, result.proposal_lengths, draft.config.block_size)
+    out = {}
+    if draft.config.enable_confidence_head and args.verify == "full":
+        z, accepted, proposed = calibration_data(
+            result.confidence_logits, result.acceptance_lengths, result.proposal_lengths
+        )
+        metrics["calibration_raw"] = calibration_metrics(z, accepted, proposed)
+        temps = draft.calibration
+        if args.save_calibration:
+            temps = fit_temperatures(z, accepted, proposed)
+            fitted = calibration_metrics(z, accepted, proposed, temps)
+            info = {"rounds": int(z.shape[0]), "ece_raw": metrics["calibration_raw"]["summary"]["ece"]}
+            info |= {"ece_fitted": fitted["summary"]["ece"], "fitted_on": dataclasses.asdict(args)}
+            out["calibration_file"] = save_calibration(draft.path, temps, draft.config.block_size, info)
+        if temps is not None:
+            metrics["calibration"] = calibration_metrics(z, accepted, proposed, temps)
+            metrics["calibration"]["temperatures"] = [float(t) for t in temps]
     return {
+        **out,
         "metrics": metrics,
         "num_prompts": len(prompts),
         "new_tokens": result.new_tokens,
@@ -108,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", default="full")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", help="write the JSON here too")
+    p.add_argument(
+        "--save-calibration",
+        action="store_true",
+        help="fit per-slot confidence temperatures on these rounds (spec §10) into the draft's calibration.json",
+    )
     args = EvalArgs(**vars(p.parse_args(argv)))
     try:
         if args.num_prompts < 1 or args.prompt_len < 1:

@@ -55,7 +55,9 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verify", default="full", help="full | threshold:X")
+    p.add_argument(
+        "--verify", default="full", help="full | threshold:X | scheduler (spec §11: confidence + measured cost table)"
+    )
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
@@ -109,8 +111,14 @@ def _encode(text: str, tokenizer) -> list[int]:
     return tokenizer.encode_prompt(text)
 
 
-def _timed(target, draft, prompts, args: GenerateArgs):
-    """Compile with one run, then time a second identical run (tokens/s must not include compilation)."""
+TIMED_RUNS = 3  # timed runs per mode after the compiling one; the median is reported
+
+
+def _timed(target, draft, prompts, args: GenerateArgs, compare: bool):
+    """(speculative result, plain result or None): each mode compiles with one run, then the modes take turns for
+    TIMED_RUNS runs each, so both see the same machine; each result carries its median time."""
+    import statistics
+
     import dspark_jax as dj
 
     kwargs = dict(
@@ -120,10 +128,16 @@ def _timed(target, draft, prompts, args: GenerateArgs):
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
-        verify=args.verify if draft else "full",
     )
-    dj.generate(target, draft, **kwargs)
-    return dj.generate(target, draft, **kwargs)
+    modes = [(draft, args.verify if draft else "full")] + ([(None, "full")] if compare else [])
+    for d, verify in modes:
+        dj.generate(target, d, verify=verify, **kwargs)
+    runs = [[dj.generate(target, d, verify=verify, **kwargs) for d, verify in modes] for _ in range(TIMED_RUNS)]
+    out = []
+    for i in range(len(modes)):
+        results = [r[i] for r in runs]
+        out.append(dataclasses.replace(results[0], seconds=statistics.median(r.seconds for r in results)))
+    return out[0], (out[1] if compare else None)
 
 
 def run(args: GenerateArgs) -> dict:
@@ -153,8 +167,7 @@ def run(args: GenerateArgs) -> dict:
         prompts = _read_prompts_file(args.prompts_file, target.tokenizer)
     else:
         prompts = [_encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT, target.tokenizer)]
-    result = _timed(target, draft, prompts, args)
-    plain = _timed(target, None, prompts, args) if args.compare and draft is not None else None
+    result, plain = _timed(target, draft, prompts, args, compare=args.compare and draft is not None)
     tps = result.new_tokens / max(result.seconds, 1e-9)
     plain_tps = plain.new_tokens / max(plain.seconds, 1e-9) if plain else None
     tok = target.tokenizer

@@ -8,10 +8,12 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dspark_jax import checkpoints
 from dspark_jax.configs import DraftConfig, Qwen3Config, read_config_json
+from dspark_jax.decoding.calibration import load_calibration
 from dspark_jax.errors import DSparkError, UsageError
 from dspark_jax.models import Draft, Qwen3
 from dspark_jax.sharding import ShardingRules, state_shardings
@@ -97,12 +99,14 @@ class Target:
 
 @dataclasses.dataclass
 class DraftHandle:
-    """A loaded DSpark / DFlash draft bound to its target."""
+    """A loaded DSpark / DFlash draft bound to its target. `calibration`: per-slot confidence temperatures f32[B]
+    from the folder's calibration.json (spec §10), or None (uncalibrated)."""
 
     config: DraftConfig
     graphdef: nnx.GraphDef
     state: nnx.State
     path: str
+    calibration: np.ndarray | None = None
 
     def module(self) -> Draft:
         return nnx.merge(self.graphdef, self.state)
@@ -202,7 +206,8 @@ def load_draft(path_or_id: str, target: Target) -> DraftHandle:
     lm_head = t["embed_tokens"][...].T if target.config.tie_word_embeddings else t["lm_head"][...]
     bound = {("embed_tokens",): t["embed_tokens"][...], ("lm_head",): lm_head}
     graphdef, state = _load_params(folder, kind, Draft, config, target.mesh, path_or_id, bound=bound)
-    return DraftHandle(config, graphdef, state, folder)
+    calibration = load_calibration(folder, config.block_size) if config.enable_confidence_head else None
+    return DraftHandle(config, graphdef, state, folder, calibration)
 
 
 def load_gemma4_draft(path_or_id: str, dtype: str = "bfloat16", mesh: jax.sharding.Mesh | None = None) -> DraftHandle:

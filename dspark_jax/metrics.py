@@ -41,3 +41,79 @@ def speculative_metrics(acceptance_lengths, proposal_lengths, block_size: int) -
         "prefix_survival": survival,
         "conditional_acceptance": conditional,
     }
+
+
+# ------------------------------------------------------------------------------------ calibration (spec §7.3, §10)
+
+ECE_BINS = 20
+
+
+def prefix_predictions(confidence_logits: np.ndarray, temperatures=None) -> np.ndarray:
+    """f64[rounds, B] s_j = prod_{i<=j} sigmoid(z_i / t_i), clipped to [1e-8, 1 - 1e-8] (t = 1 when None)."""
+    z = np.asarray(confidence_logits, np.float64)
+    t = np.ones(z.shape[-1]) if temperatures is None else np.asarray(temperatures, np.float64)
+    q = 1.0 / (1.0 + np.exp(-z / t))
+    return np.clip(np.cumprod(q, axis=-1), 1e-8, 1 - 1e-8)
+
+
+def ece(pred: np.ndarray, label: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: equal-width bins on the prediction, sum of (count / total) * |mean pred - mean
+    label| over bins."""
+    pred, label = np.asarray(pred, np.float64), np.asarray(label, np.float64)
+    if pred.size == 0:
+        return 0.0
+    idx = np.minimum((pred * bins).astype(np.int64), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    gap = np.abs(np.bincount(idx, pred, bins) - np.bincount(idx, label, bins))  # |sum pred - sum label| per bin
+    return float(gap.sum() / pred.size) if count.sum() else 0.0
+
+
+def auroc(pred: np.ndarray, label: np.ndarray) -> float | None:
+    """P(a random positive outranks a random negative), ties counting 1/2 (exact, through average ranks)."""
+    pred, label = np.asarray(pred, np.float64), np.asarray(label, bool)
+    pos, neg = int(label.sum()), int((~label).sum())
+    if pos == 0 or neg == 0:
+        return None
+    order = np.argsort(pred, kind="mergesort")
+    ranks = np.empty(pred.size, np.float64)
+    sorted_pred = pred[order]
+    # average rank (1-based) of each run of equal predictions
+    starts = np.flatnonzero(np.r_[True, sorted_pred[1:] != sorted_pred[:-1]])
+    ends = np.r_[starts[1:], pred.size]
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e + 1) / 2.0
+    return float((ranks[label].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def calibration_data(confidence_logits, acceptance_lengths, proposal_lengths):
+    """Flatten per-prompt round lists into (z f64[rounds, B], accepted i64[rounds], proposed i64[rounds])."""
+    z = np.array([r for row in confidence_logits for r in row], np.float64)
+    committed, proposed = round_arrays(acceptance_lengths, proposal_lengths)
+    assert z.shape[0] == committed.size, "confidence logits and acceptance lengths disagree"
+    return z, np.maximum(committed - 1, 0), proposed
+
+
+def calibration_metrics(z: np.ndarray, accepted: np.ndarray, proposed: np.ndarray, temperatures=None) -> dict:
+    """Per-slot ECE, AUROC, Brier, mean prediction and mean label of the prefix predictions s_j against the prefix
+    labels 1[accepted > j], over rounds that proposed slot j; `summary` = count-weighted means over slots."""
+    s = prefix_predictions(z, temperatures)
+    per_slot = []
+    for j in range(z.shape[1]):
+        rows = proposed > j
+        pred, label = s[rows, j], (accepted[rows] > j).astype(np.float64)
+        per_slot.append(
+            {
+                "count": int(rows.sum()),
+                "ece": ece(pred, label),
+                "auroc": auroc(pred, label),
+                "brier": float(np.mean((pred - label) ** 2)) if pred.size else 0.0,
+                "mean_prediction": float(pred.mean()) if pred.size else 0.0,
+                "mean_label": float(label.mean()) if pred.size else 0.0,
+            }
+        )
+    counts = np.array([p["count"] for p in per_slot], np.float64)
+    summary = {
+        key: float(np.dot(counts, [p[key] for p in per_slot]) / max(counts.sum(), 1.0))
+        for key in ("ece", "brier", "mean_prediction", "mean_label")
+    }
+    return {"per_slot": per_slot, "summary": summary}

@@ -98,8 +98,20 @@ def test_draft_for_another_target(capsys, tmp_path):
     )
 
 
-def test_threshold_needs_a_confidence_head(capsys):
-    # dflash drafts have no confidence head (spec §4.9): threshold:X is refused before anything is generated.
+def test_scheduler_keeps_the_golden_output(capsys, goldens, prompt_ids):
+    """--verify scheduler (spec §11, cost table measured here) cuts blocks by confidence; greedy output stays the
+    target's own."""
+    argv = ["--target", str(RNN / "target"), "--draft", str(RNN / "draft_distilled"), "--prompt-ids", prompt_ids]
+    assert main(argv + ["--max-new-tokens", "48", "--verify", "scheduler", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    (row,) = result["prompts"]
+    assert row["tokens"] == goldens["dist_e2e_new_ids"].tolist()
+    assert all(0 <= k <= 7 for k in row["proposal_lengths"]) and result["config"]["verify"] == "scheduler"
+
+
+@pytest.mark.parametrize("verify", ["threshold:0.5", "scheduler"])
+def test_confidence_policies_need_a_confidence_head(capsys, verify):
+    # dflash drafts have no confidence head (spec §4.9): such policies are refused before anything is generated.
     assert_usage_error(
         capsys,
         [
@@ -110,7 +122,7 @@ def test_threshold_needs_a_confidence_head(capsys):
             "--prompt-ids",
             "1,2",
             "--verify",
-            "threshold:0.5",
+            verify,
         ],
         "confidence head",
     )

@@ -4,6 +4,8 @@ Compilation dominates the cost on CPU (one loop per distinct batch, prompt bucke
 set), so the tests share one tiny target, one prompt set and one `MAX_NEW` wherever they can.
 """
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,7 +62,7 @@ def table(prompts, plain):
 @pytest.fixture(scope="module")
 def bigram_drafts(tiny, table):
     """block size -> a draft that follows the plain path wherever it is bigram-predictable (mixed acceptance).
-    All have a confidence head, so `full` and `threshold:X` runs share one compiled loop."""
+    All have a confidence head, so every `threshold:X` run shares one compiled loop (and `full` runs another)."""
     return {b: bigram_draft(tiny, table, block_size=b, seed=b, confidence=True) for b in BLOCK_SIZES}
 
 
@@ -202,6 +204,30 @@ def test_greedy_lossless_threshold(tiny, prompts, plain, bigram_drafts):
     assert_stats(result, prompts, 4, MAX_NEW)
     proposed = {k for q in result.proposal_lengths for k in q}
     assert 0 in proposed and 4 in proposed and proposed & {1, 2, 3}, proposed  # k varies per round, k = 0 too
+
+
+def test_recorded_confidences_explain_the_threshold_cuts(tiny, prompts, bigram_drafts):
+    result = dj.generate(tiny, bigram_drafts[4], prompts, max_new_tokens=MAX_NEW, verify="threshold:0.5")
+    for conf, proposed in zip(result.confidence_logits, result.proposal_lengths):
+        assert len(conf) == len(proposed) and all(len(z) == 4 for z in conf)
+        for z, k in zip(conf, proposed):
+            below = 1 / (1 + np.exp(-np.asarray(z))) < 0.5
+            want = int(np.argmax(below)) if below.any() else 4
+            assert k == want or k < want and len(z) == 4  # a context-window cap can only shorten the cut
+
+
+def test_greedy_lossless_scheduler(tiny, prompts, plain, bigram_drafts):
+    """The prefix scheduler (spec §11) with a measured cost table, uncalibrated and calibrated."""
+    draft = bigram_drafts[4]
+    result = dj.generate(tiny, draft, prompts, max_new_tokens=MAX_NEW, verify="scheduler")
+    assert result.tokens == plain.tokens
+    assert_stats(result, prompts, 4, MAX_NEW)
+    table = loop.prepare(tiny, draft, prompts, max_new_tokens=MAX_NEW, verify="scheduler").round_seconds
+    assert table.shape == (len(prompts) * 5 + 1,) and table[0] > 0 and np.all(np.diff(table) >= 0)
+    cold = dataclasses.replace(draft, calibration=np.full(4, 0.25, np.float32))  # confidences pushed to 0 / 1
+    result = dj.generate(tiny, cold, prompts, max_new_tokens=MAX_NEW, verify="scheduler")
+    assert result.tokens == plain.tokens
+    assert {k for q in result.proposal_lengths for k in q} - {4}, "sharper confidences never cut a block"
 
 
 def test_stop_tokens(tiny, prompts, plain, bigram_drafts, base4):

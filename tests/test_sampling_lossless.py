@@ -154,15 +154,11 @@ def laws(target):
     return out
 
 
-def sample(target, draft, sampling: SamplingConfig, prompts=None, seeds=SEEDS):
+def sample(target, draft, sampling: SamplingConfig, prompts=None, seeds=SEEDS, verify="full"):
     """i32[len(seeds) * BATCH, NEW] first tokens, plus the per-seed results."""
     prompts = prompts or [PROMPT] * BATCH
-    results = [
-        dj.generate(
-            target, draft, prompts, max_new_tokens=NEW, temperature=sampling.temperature, top_p=sampling.top_p, seed=s
-        )
-        for s in seeds
-    ]
+    kw = dict(max_new_tokens=NEW, temperature=sampling.temperature, top_p=sampling.top_p, verify=verify)
+    results = [dj.generate(target, draft, prompts, seed=s, **kw) for s in seeds]
     tokens = np.array([t for r in results for t in r.tokens])
     assert tokens.shape == (len(seeds) * len(prompts), NEW)
     return tokens, results
@@ -193,6 +189,22 @@ def test_sampling_matches_target_law(target, draft, laws, setting, capsys):
     for r in results[:1]:
         for a, q in zip(r.acceptance_lengths, r.proposal_lengths):
             assert all(k == BLOCK for k in q) and all(1 <= x <= BLOCK + 1 for x in a)
+
+
+@pytest.mark.parametrize("verify", ["threshold:0.5", "scheduler"])
+def test_cut_blocks_keep_the_target_law(target, laws, verify, capsys):
+    """Policies that cut each block at its own slot (and run the target only as wide as the batch needs): the
+    samples still follow the target's law. The scheduler gets sharp (temperature 0.25) confidences so its cuts
+    vary too."""
+    cut = random_draft(target, block_size=BLOCK, markov_rank=4, seed=2, confidence=True)
+    cut = dataclasses.replace(cut, calibration=np.full(BLOCK, 0.25, np.float32))
+    spec, results = sample(target, cut, SETTINGS["t1"], verify=verify)
+    p_spec = chi_square(spec, laws["t1"])
+    proposed = np.bincount([k for r in results for row in r.proposal_lengths for k in row], minlength=BLOCK + 1)
+    with capsys.disabled():
+        print(f"\n[{verify}] spec chi2={p_spec[0]:.1f} p={p_spec[2]:.3g} | drafts verified {proposed.tolist()}")
+    assert p_spec[2] > MIN_P, p_spec
+    assert (proposed > 100).sum() >= 2, proposed  # blocks were cut at several lengths
 
 
 def test_sampled_rows_do_not_depend_on_neighbours(target, draft):
@@ -234,3 +246,12 @@ def test_broken_residual_is_rejected(target, draft, laws, monkeypatch, capsys):
     with capsys.disabled():
         print(f"\n[broken residual, t1] chi2={stat:.1f} dof={dof} p={p:.3g}")
     assert p < 1e-6, (stat, dof, p)
+
+
+def test_first_argmax_is_argmax_ties_included():
+    from dspark_jax.sampling import first_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(64, 3, 37)).astype(np.float32)  # many tied maxima
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+    assert int(first_argmax(jnp.full((5,), jnp.nan))) == 4  # never out of range

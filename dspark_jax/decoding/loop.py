@@ -18,7 +18,7 @@ from flax import nnx
 
 from dspark_jax.configs import SamplingConfig, VerifyPolicy
 from dspark_jax.decoding.propose import propose
-from dspark_jax.decoding.schedule import num_to_verify, policy_threshold
+from dspark_jax.decoding.schedule import num_to_verify, policy_threshold, scheduled_num_to_verify
 from dspark_jax.decoding.state import DecodeState
 from dspark_jax.decoding.verify import accept, target_pass
 from dspark_jax.errors import UsageError
@@ -39,10 +39,19 @@ class LoopSpec:
     context_len: int  # positions must stay below this (the target's max_position_embeddings)
     cache_len: int
     max_rounds: int
+    # Target-pass widths compiled into the loop, ascending, the last = width. A round runs the narrowest one that
+    # holds every live row's anchor + verified drafts, so a verify policy that cuts blocks short also saves the
+    # target's work on the cut rows. `full` needs only the whole block.
+    verify_widths: tuple[int, ...] = ()
+    scheduler: bool = False  # verify="scheduler": drafts to verify from the cost-aware prefix scheduler (spec §11)
 
     @property
     def width(self) -> int:
         return self.block_size + 1
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.verify_widths or (self.width,)
 
 
 @dataclasses.dataclass
@@ -54,6 +63,10 @@ class GenerateResult:
     proposal_lengths: list[list[int]]
     tau: float
     seconds: float = 0.0
+    # Per prompt, per round: the draft's pre-sigmoid confidence of each slot (zeros without a confidence head;
+    # empty for plain decoding). With full-block verification these and acceptance_lengths are the calibration
+    # data of spec §10.
+    confidence_logits: list[list[list[float]]] = dataclasses.field(default_factory=list)
 
     @property
     def new_tokens(self) -> int:
@@ -83,13 +96,16 @@ def prefill(
     keys,
     stop_ids,
     thresholds,
+    temperatures=None,
+    round_seconds=None,
     *,
     spec: LoopSpec,
 ) -> DecodeState:
     """Target over the padded prompts, first token from the last prompt position (spec §6.2).
 
     prompts: i32[batch, bucket] right-padded; prompt_lens, limits: i32[batch]; keys: per-row keys [batch];
-    stop_ids: i32[stop_slots] padded with -1; thresholds: f32[batch] verify-policy thresholds.
+    stop_ids: i32[stop_slots] padded with -1; thresholds: f32[batch] verify-policy thresholds; temperatures,
+    round_seconds: the scheduler's inputs (see DecodeState), None unless spec.scheduler.
     """
     target = nnx.merge(target_def, target_state)
     bsz, bucket = prompts.shape
@@ -131,6 +147,9 @@ def prefill(
         rounds=jnp.zeros((bsz,), jnp.int32),
         acceptance=zeros,
         proposals=zeros,
+        confidences=None if draft_def is None else jnp.zeros((bsz, spec.max_rounds, spec.block_size), jnp.float32),
+        temperatures=temperatures,
+        round_seconds=round_seconds,
     )
 
 
@@ -153,21 +172,60 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
             None if spec.sampling.greedy else draft_keys,
         )
         block = jnp.concatenate([block, proposal.tokens], axis=1)
-    logits, taps, target_cache = target_pass(target, state.target_cache, block, anchor_pos, spec.tap_layer_ids)
-    return _accept_and_commit(state, spec, proposal, logits, taps, target_cache, draft_cache, keys, accept_keys)
+    num_proposed = None if proposal is None else _num_proposed(state, spec, proposal)
+    if len(spec.widths) == 1:
+        logits, taps, target_cache = target_pass(target, state.target_cache, block, anchor_pos, spec.tap_layer_ids)
+    else:
+        needed = jnp.max(jnp.where(state.done, 1, num_proposed + 1))
+        branch = jnp.searchsorted(jnp.asarray(spec.widths, jnp.int32), needed).astype(jnp.int32)
+
+        def narrow(w):
+            def run():
+                logits, taps, cache = target_pass(
+                    target, state.target_cache, block[:, :w], anchor_pos, spec.tap_layer_ids
+                )
+                pad = ((0, 0), (0, spec.width - w), (0, 0))  # rows past w are never read: k < w
+                return jnp.pad(logits, pad), None if taps is None else jnp.pad(taps, pad), cache
+
+            return run
+
+        logits, taps, target_cache = jax.lax.switch(branch, [narrow(w) for w in spec.widths])
+    return _accept_and_commit(
+        state, spec, proposal, logits, taps, target_cache, draft_cache, keys, accept_keys, num_proposed
+    )
+
+
+def _num_proposed(state: DecodeState, spec: LoopSpec, proposal) -> jax.Array:
+    """i32[batch] drafts to verify this round: the verify policy's cut, never past the context window."""
+    # Never verify a draft whose committed position (or the extra token's) would leave the context window.
+    room = jnp.maximum(spec.context_len - 2 - (state.lengths - 1), 0)
+    if spec.scheduler:
+        k = scheduled_num_to_verify(proposal.confidence_logits, state.temperatures, ~state.done, state.round_seconds)
+    else:
+        k = num_to_verify(proposal.confidence_logits, state.thresholds)
+    return jnp.minimum(k, room)
 
 
 def _accept_and_commit(
-    state: DecodeState, spec: LoopSpec, proposal, logits, taps, target_cache, draft_cache, keys, accept_keys
+    state: DecodeState,
+    spec: LoopSpec,
+    proposal,
+    logits,
+    taps,
+    target_cache,
+    draft_cache,
+    keys,
+    accept_keys,
+    num_proposed=None,
 ) -> DecodeState:
     """Acceptance (spec §6.6) and the state update (§6.7) after the target pass of a round.
 
     proposal: the round's Proposal (None for plain decoding); logits f32[batch, width, vocab] and taps from the
-    target pass; target_cache / draft_cache with the round's rows written; keys: the rows' next keys.
+    target pass; target_cache / draft_cache with the round's rows written; keys: the rows' next keys;
+    num_proposed: i32[batch] drafts to verify (default: the verify policy's cut).
     """
     bsz = state.lengths.shape[0]
     rows = jnp.arange(bsz)
-    anchor_pos = state.lengths - 1
     live = ~state.done
     greedy = spec.sampling.greedy
     if proposal is None:
@@ -181,9 +239,8 @@ def _accept_and_commit(
         accepted = num_proposed = jnp.zeros((bsz,), jnp.int32)
     else:
         drafts = proposal.tokens
-        # Never verify a draft whose committed position (or the extra token's) would leave the context window.
-        room = jnp.maximum(spec.context_len - 2 - anchor_pos, 0)
-        num_proposed = jnp.minimum(num_to_verify(proposal.confidence_logits, state.thresholds), room)
+        if num_proposed is None:
+            num_proposed = _num_proposed(state, spec, proposal)
         accepted, next_token = accept(
             spec.sampling, drafts, proposal.probs, num_proposed, logits, None if greedy else accept_keys
         )
@@ -231,6 +288,13 @@ def _accept_and_commit(
         rounds=state.rounds + live.astype(jnp.int32),
         acceptance=state.acceptance.at[rows, round_idx].set(keep(committed, state.acceptance[rows, round_idx])),
         proposals=state.proposals.at[rows, round_idx].set(keep(num_proposed, state.proposals[rows, round_idx])),
+        temperatures=state.temperatures,
+        round_seconds=state.round_seconds,
+        confidences=None
+        if proposal is None
+        else state.confidences.at[rows, round_idx].set(
+            keep(proposal.confidence_logits, state.confidences[rows, round_idx])
+        ),
     )
 
 
@@ -285,6 +349,8 @@ class Prepared:
     thresholds: np.ndarray  # f32[batch]
     stops: tuple[int, ...]
     max_new_tokens: int
+    temperatures: np.ndarray | None = None  # f32[block], verify="scheduler" only
+    round_seconds: np.ndarray | None = None  # f32[batch * (block + 1) + 1], verify="scheduler" only
 
     def prefill(self, target, draft) -> DecodeState:
         """Run `prefill` for this batch (draft None: plain decoding)."""
@@ -300,6 +366,8 @@ class Prepared:
             self.keys,
             jnp.asarray(self.stop_ids),
             jnp.asarray(self.thresholds),
+            None if self.temperatures is None else jnp.asarray(self.temperatures),
+            None if self.round_seconds is None else jnp.asarray(self.round_seconds),
             spec=self.spec,
         )
 
@@ -328,7 +396,7 @@ def prepare(
     prompts = _check_prompts(prompts, config.vocab_size, context_len)
     if draft is not None:
         draft.config.check_target(config)
-        if policy.kind == "threshold" and not draft.config.enable_confidence_head:
+        if policy.kind != "full" and not draft.config.enable_confidence_head:
             raise UsageError(
                 f"verify {verify!r} needs a draft with a confidence head; this draft has none (accepted: full)"
             )
@@ -349,6 +417,9 @@ def prepare(
     limits = np.minimum(lens + max_new_tokens, context_len - 1).astype(np.int32)
     # From the bucket, not the actual lengths: prompts in one bucket must share one compiled loop.
     cache_len = -(-(max(bucket, min(bucket + max_new_tokens, context_len - 1)) + block + 2) // 64) * 64
+    # A threshold or the scheduler can cut a block anywhere: narrower target passes at powers of two, then the
+    # whole block.
+    widths = () if policy.kind == "full" else tuple(sorted({1 << i for i in range(block.bit_length())} | {block + 1}))
     spec = LoopSpec(
         sampling,
         () if draft is None else draft.config.target_layer_ids,
@@ -356,16 +427,24 @@ def prepare(
         context_len,
         cache_len,
         max_new_tokens + 1,
+        widths,
+        policy.kind == "scheduler",
     )
     stop_slots = STOP_SLOTS * max(1, -(-len(stops) // STOP_SLOTS))
     stop_ids = np.full((stop_slots,), -1, np.int32)
     stop_ids[: len(stops)] = stops
     thresholds = np.full((len(prompts),), policy_threshold(policy), np.float32)
+    temperatures = round_seconds = None
+    if spec.scheduler:
+        temperatures = np.ones((block,), np.float32) if draft.calibration is None else draft.calibration
+        round_seconds = round_seconds_table(target, draft, len(prompts), cache_len, widths, sampling)
     padded = np.zeros((len(prompts), bucket), np.int32)
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = p
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(len(prompts)))
-    return Prepared(spec, padded, lens, limits, keys, stop_ids, thresholds, stops, max_new_tokens)
+    return Prepared(
+        spec, padded, lens, limits, keys, stop_ids, thresholds, stops, max_new_tokens, temperatures, round_seconds
+    )
 
 
 def generate(
@@ -393,11 +472,11 @@ def generate(
     start = time.perf_counter()
     state = prep.prefill(target, draft)
     state = decode_loop(target.graphdef, target.state, draft_def, draft_state, state, spec=spec)
-    tokens, lengths, rounds, acc, props = jax.device_get(
-        (state.tokens, state.lengths, state.rounds, state.acceptance, state.proposals)
+    tokens, lengths, rounds, acc, props, conf = jax.device_get(
+        (state.tokens, state.lengths, state.rounds, state.acceptance, state.proposals, state.confidences)
     )
     seconds = time.perf_counter() - start
-    out_tokens, out_acc, out_prop = [], [], []
+    out_tokens, out_acc, out_prop, out_conf = [], [], [], []
     for i, n in enumerate(lens):
         row = tokens[i, n : min(lengths[i], n + max_new_tokens)].tolist()
         for j, t in enumerate(row):
@@ -407,6 +486,67 @@ def generate(
         out_tokens.append(row)
         out_acc.append(acc[i, : rounds[i]].tolist())
         out_prop.append(props[i, : rounds[i]].tolist())
+        out_conf.append([] if conf is None else conf[i, : rounds[i]].tolist())
     total_rounds = int(rounds.sum())
     tau = float(sum(map(sum, out_acc)) / total_rounds) if total_rounds else 0.0
-    return GenerateResult(out_tokens, out_acc, out_prop, tau, seconds)
+    return GenerateResult(out_tokens, out_acc, out_prop, tau, seconds, out_conf)
+
+
+_ROUND_SECONDS: dict = {}
+
+
+def round_seconds_table(target, draft, batch: int, cache_len: int, widths: tuple[int, ...], sampling) -> np.ndarray:
+    """The scheduler's cost table (spec §11), measured on this device: f32[batch * widths[-1] + 1], entry N =
+    seconds of a round whose verification pass holds N tokens (the spec's 1 / SPS(N)).
+
+    A round = the draft's proposal (timed once) + the target pass; the pass is compiled and timed at each compiled
+    width w over [batch, w] through a cache of the loop's length. Each time is the fastest of 5 (noise only ever
+    adds); entries between the measured N = batch * w are interpolated linearly and the table is made
+    non-decreasing, as the true cost is. Measured once per (models, batch, cache length, widths) in this process.
+    """
+    key = (id(target.state), id(draft.state), batch, cache_len, widths, sampling, jax.default_backend())
+    if key not in _ROUND_SECONDS:
+        target_cache = target.module().init_cache(batch, cache_len)
+        draft_cache = draft.module().init_cache(batch, cache_len)
+        anchors = jnp.full((batch,), cache_len // 2, jnp.int32)
+        pending = jnp.zeros((batch, widths[-1], draft.config.num_taps * target.config.hidden_size), target.config.dtype)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(batch))
+        draft_call = functools.partial(
+            _timed_propose, draft.graphdef, draft.state, draft_cache, pending, anchors, keys, sampling=sampling
+        )
+        draft_seconds = _fastest(draft_call)
+        timings = {}
+        for w in widths:
+            tokens = jnp.zeros((batch, w), jnp.int32)
+            taps = tuple(draft.config.target_layer_ids)
+            call = functools.partial(_timed_pass, target.graphdef, target.state, target_cache, tokens, anchors)
+            timings[w] = draft_seconds + _fastest(functools.partial(call, tap_layer_ids=taps))
+        measured = [batch * w for w in widths]
+        table = np.interp(np.arange(batch * widths[-1] + 1), measured, [timings[w] for w in widths])
+        _ROUND_SECONDS[key] = np.maximum.accumulate(table).astype(np.float32)
+    return _ROUND_SECONDS[key]
+
+
+def _fastest(call, reps: int = 5) -> float:
+    jax.block_until_ready(call())  # compile
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        samples.append(time.perf_counter() - start)
+    return min(samples)
+
+
+@functools.partial(jax.jit, static_argnames=("target_def", "tap_layer_ids"))
+def _timed_pass(target_def, target_state, cache, tokens, anchors, *, tap_layer_ids):
+    logits, taps, cache = target_pass(nnx.merge(target_def, target_state), cache, tokens, anchors, tap_layer_ids)
+    return logits, taps, cache.k
+
+
+@functools.partial(jax.jit, static_argnames=("draft_def", "sampling"))
+def _timed_propose(draft_def, draft_state, cache, pending, anchors, keys, *, sampling):
+    num = jnp.full(anchors.shape, pending.shape[1], jnp.int32)
+    cache = dataclasses.replace(cache, lengths=anchors - pending.shape[1])
+    keys = None if sampling.greedy else keys
+    proposal, cache = propose(nnx.merge(draft_def, draft_state), cache, pending, num, anchors, anchors, sampling, keys)
+    return proposal.tokens, proposal.confidence_logits, cache.k

@@ -24,7 +24,11 @@ class DecodeState:
     draft_cache / pending / num_pending: the draft's context K/V for positions [0, Q) and the raw target features
       [batch, width, taps * hidden] of positions [Q, anchor) waiting to be pushed (None for plain decoding);
     rounds: i32[batch]; acceptance / proposals: i32[batch, max_rounds] per-round committed tokens and drafts
-      verified (spec §6.7 statistics).
+      verified (spec §6.7 statistics); confidences: f32[batch, max_rounds, block] each round's pre-sigmoid
+      confidence logits (calibration data, spec §10; None for plain decoding);
+    temperatures: f32[block] confidence temperatures and round_seconds: f32[batch * (block + 1) + 1] seconds of a
+      round whose verification holds N tokens (entry N), the prefix scheduler's inputs (spec §11; None unless
+      verify="scheduler").
     """
 
     tokens: jax.Array
@@ -41,3 +45,6 @@ class DecodeState:
     rounds: jax.Array
     acceptance: jax.Array
     proposals: jax.Array
+    confidences: jax.Array | None = None
+    temperatures: jax.Array | None = None
+    round_seconds: jax.Array | None = None

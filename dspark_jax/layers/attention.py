@@ -76,7 +76,10 @@ class Attention(nnx.Module):
 
     def output(self, a: jax.Array) -> jax.Array:
         """a: [batch, t, q_heads, head_dim] -> [batch, t, hidden]."""
-        return jnp.einsum("btnh,nhd->btd", a, self.o_proj[...].astype(self.dtype))
+        # One flat [t, n*h] x [n*h, d] dot: with the 3-D einsum XLA:CPU re-laid out (copied) the weight every step.
+        b, t, n, h = a.shape
+        w = self.o_proj[...].astype(self.dtype).reshape(n * h, -1)
+        return jnp.dot(a.reshape(b, t, n * h), w)
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv: tuple | None = None, layer: int = 0):
         """Causal self-attention over a chunk, optionally through a cache.
