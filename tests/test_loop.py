@@ -216,8 +216,9 @@ def test_recorded_confidences_explain_the_threshold_cuts(tiny, prompts, bigram_d
             assert k == want or k < want and len(z) == 4  # a context-window cap can only shorten the cut
 
 
-def test_greedy_lossless_scheduler(tiny, prompts, plain, bigram_drafts):
-    """The prefix scheduler (spec §11) with a measured cost table, uncalibrated and calibrated."""
+def test_greedy_lossless_scheduler(tiny, prompts, plain, bigram_drafts, monkeypatch):
+    """The prefix scheduler (spec §11) with this machine's measured cost table, then with sharp confidences and a
+    fixed table (each extra position of the batch costs half a pass) under which it must cut blocks."""
     draft = bigram_drafts[4]
     result = dj.generate(tiny, draft, prompts, max_new_tokens=MAX_NEW, verify="scheduler")
     assert result.tokens == plain.tokens
@@ -225,6 +226,8 @@ def test_greedy_lossless_scheduler(tiny, prompts, plain, bigram_drafts):
     table = loop.prepare(tiny, draft, prompts, max_new_tokens=MAX_NEW, verify="scheduler").round_seconds
     assert table.shape == (len(prompts) * 5 + 1,) and table[0] > 0 and np.all(np.diff(table) >= 0)
     cold = dataclasses.replace(draft, calibration=np.full(4, 0.25, np.float32))  # confidences pushed to 0 / 1
+    linear = lambda target, draft, batch, *args: (1.0 + 0.5 * np.arange(batch * 5 + 1) / batch).astype(np.float32)  # noqa: E731
+    monkeypatch.setattr(loop, "round_seconds_table", linear)
     result = dj.generate(tiny, cold, prompts, max_new_tokens=MAX_NEW, verify="scheduler")
     assert result.tokens == plain.tokens
     assert {k for q in result.proposal_lengths for k in q} - {4}, "sharper confidences never cut a block"

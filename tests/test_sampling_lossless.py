@@ -192,10 +192,17 @@ def test_sampling_matches_target_law(target, draft, laws, setting, capsys):
 
 
 @pytest.mark.parametrize("verify", ["threshold:0.5", "scheduler"])
-def test_cut_blocks_keep_the_target_law(target, laws, verify, capsys):
+def test_cut_blocks_keep_the_target_law(target, laws, verify, capsys, monkeypatch):
     """Policies that cut each block at its own slot (and run the target only as wide as the batch needs): the
-    samples still follow the target's law. The scheduler gets sharp (temperature 0.25) confidences so its cuts
-    vary too."""
+    samples still follow the target's law. The scheduler gets sharp (temperature 0.25) confidences and a fixed
+    cost table (each extra position of the whole batch costs half a pass) so that its cuts vary too, whatever
+    this machine's timings."""
+    from dspark_jax.decoding import loop
+
+    def linear_table(target, draft, batch, *args):
+        return (1.0 + 0.5 * np.arange(batch * (BLOCK + 1) + 1) / batch).astype(np.float32)
+
+    monkeypatch.setattr(loop, "round_seconds_table", linear_table)
     cut = random_draft(target, block_size=BLOCK, markov_rank=4, seed=2, confidence=True)
     cut = dataclasses.replace(cut, calibration=np.full(BLOCK, 0.25, np.float32))
     spec, results = sample(target, cut, SETTINGS["t1"], verify=verify)
