@@ -483,11 +483,10 @@ def _prompts(args: BenchArgs, target, batch: int) -> list[list[int]]:
 
 
 def _write(path: str, report: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
+    from dspark_jax.checkpoints import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _validate(args: BenchArgs) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,19 @@ FORMAT = "orbax-nnx-state"
 
 def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yield a temp path beside `path` (`<path>.partial-<pid>`); it becomes `path` only if the block succeeds and
+    is removed otherwise, so readers never see a half-written file."""
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def atomic_dir(dst: str):

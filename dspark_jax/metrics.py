@@ -63,9 +63,8 @@ def ece(pred: np.ndarray, label: np.ndarray, bins: int = ECE_BINS) -> float:
     if pred.size == 0:
         return 0.0
     idx = np.minimum((pred * bins).astype(np.int64), bins - 1)
-    count = np.bincount(idx, minlength=bins)
     gap = np.abs(np.bincount(idx, pred, bins) - np.bincount(idx, label, bins))  # |sum pred - sum label| per bin
-    return float(gap.sum() / pred.size) if count.sum() else 0.0
+    return float(gap.sum() / pred.size)
 
 
 def auroc(pred: np.ndarray, label: np.ndarray) -> float | None:

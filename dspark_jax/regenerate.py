@@ -52,23 +52,16 @@ def sample_prompts(rows: list[list[int]], num: int, prompt_len: int, seed: int) 
 
 
 def _read_rows(path: str) -> list[list[int]]:
+    from dspark_jax.training.data import jsonl_token_rows
+
     if not (os.path.isfile(path) and path.endswith(".jsonl")):
         raise UsageError(f"--data must be a .jsonl file of token ids, got {path!r}")
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            ids = row.get("input_ids", row.get("ids")) if isinstance(row, dict) else None
-            if not isinstance(ids, list):
-                raise UsageError(f"--data {path} line {n} needs an 'input_ids' (or 'ids') list of token ids")
-            rows.append([int(t) for t in ids])
-    return rows
+    return [[int(t) for t in ids] for _, _, ids in jsonl_token_rows(path)]
 
 
 def run(args: RegenArgs, log=print) -> int:
     """Write args.out; returns the number of supervised (response) tokens."""
+    from dspark_jax.checkpoints import atomic_file
     from dspark_jax.decoding.loop import generate
     from dspark_jax.loading import load_target
 
@@ -79,36 +72,29 @@ def run(args: RegenArgs, log=print) -> int:
         raise UsageError(f"--out {args.out!r} is a folder; give a .jsonl file path")
     prompts = sample_prompts(_read_rows(args.data), args.num_prompts, args.prompt_len, args.seed)
     target = load_target(args.target, dtype=args.dtype)
-    tmp = f"{args.out}.partial-{os.getpid()}"
     supervised, start = 0, time.perf_counter()
-    try:
-        with open(tmp, "w") as f:
-            for i in range(0, len(prompts), args.batch_size):
-                batch = prompts[i : i + args.batch_size]
-                # A short last batch is padded with copies so every call reuses the one compiled loop.
-                padded = batch + [batch[0]] * (args.batch_size - len(batch))
-                out = generate(
-                    target,
-                    None,
-                    padded,
-                    max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                    top_k=args.top_k,
-                    seed=args.seed + i,
-                )
-                for prompt, response in zip(batch, out.tokens[: len(batch)]):
-                    ids = prompt + response
-                    f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * len(prompt) + [1] * len(response)}))
-                    f.write("\n")
-                    supervised += len(response)
-                done = i + len(batch)
-                rate = supervised / (time.perf_counter() - start)
-                log(f"{done}/{len(prompts)} prompts, {supervised} response tokens ({rate:.0f} tok/s)")
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(args.out) as tmp, open(tmp, "w") as f:
+        for i in range(0, len(prompts), args.batch_size):
+            batch = prompts[i : i + args.batch_size]
+            # A short last batch is padded with copies so every call reuses the one compiled loop.
+            padded = batch + [batch[0]] * (args.batch_size - len(batch))
+            out = generate(
+                target,
+                None,
+                padded,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed + i,
+            )
+            for prompt, response in zip(batch, out.tokens[: len(batch)]):
+                ids = prompt + response
+                f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * len(prompt) + [1] * len(response)}))
+                f.write("\n")
+                supervised += len(response)
+            rate = supervised / (time.perf_counter() - start)
+            log(f"{i + len(batch)}/{len(prompts)} prompts, {supervised} response tokens ({rate:.0f} tok/s)")
     return supervised
 
 

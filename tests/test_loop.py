@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import GOLDENS, rel_err, tiny_qwen3_hf
-from draft_factory import bigram_draft, bigram_table
+from draft_factory import bigram_draft, bigram_table, linear_round_seconds
 
 import dspark_jax as dj
 from dspark_jax import ops
@@ -226,8 +226,7 @@ def test_greedy_lossless_scheduler(tiny, prompts, plain, bigram_drafts, monkeypa
     table = loop.prepare(tiny, draft, prompts, max_new_tokens=MAX_NEW, verify="scheduler").round_seconds
     assert table.shape == (len(prompts) * 5 + 1,) and table[0] > 0 and np.all(np.diff(table) >= 0)
     cold = dataclasses.replace(draft, calibration=np.full(4, 0.25, np.float32))  # confidences pushed to 0 / 1
-    linear = lambda target, draft, batch, *args: (1.0 + 0.5 * np.arange(batch * 5 + 1) / batch).astype(np.float32)  # noqa: E731
-    monkeypatch.setattr(loop, "round_seconds_table", linear)
+    monkeypatch.setattr(loop, "round_seconds_table", linear_round_seconds)
     result = dj.generate(tiny, cold, prompts, max_new_tokens=MAX_NEW, verify="scheduler")
     assert result.tokens == plain.tokens
     assert {k for q in result.proposal_lengths for k in q} - {4}, "sharper confidences never cut a block"

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_qwen3_hf
-from draft_factory import random_draft
+from draft_factory import linear_round_seconds, random_draft
 
 import dspark_jax as dj
 from dspark_jax import ops
@@ -199,10 +199,7 @@ def test_cut_blocks_keep_the_target_law(target, laws, verify, capsys, monkeypatc
     this machine's timings."""
     from dspark_jax.decoding import loop
 
-    def linear_table(target, draft, batch, *args):
-        return (1.0 + 0.5 * np.arange(batch * (BLOCK + 1) + 1) / batch).astype(np.float32)
-
-    monkeypatch.setattr(loop, "round_seconds_table", linear_table)
+    monkeypatch.setattr(loop, "round_seconds_table", linear_round_seconds)
     cut = random_draft(target, block_size=BLOCK, markov_rank=4, seed=2, confidence=True)
     cut = dataclasses.replace(cut, calibration=np.full(BLOCK, 0.25, np.float32))
     spec, results = sample(target, cut, SETTINGS["t1"], verify=verify)

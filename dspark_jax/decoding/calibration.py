@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from dspark_jax.checkpoints import atomic_file
 from dspark_jax.errors import UsageError
 from dspark_jax.metrics import ece, prefix_predictions
 
@@ -46,11 +47,9 @@ def save_calibration(folder: str, temperatures, block_size: int, info: dict | No
     if len(temps) != block_size or not all(t > 0 for t in temps):
         raise UsageError(f"calibration needs {block_size} positive temperatures, got {temps}")
     path = os.path.join(folder, CALIBRATION_FILE)
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump({"temperatures": temps, **(info or {})}, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
     return path
 
 

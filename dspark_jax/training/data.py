@@ -191,25 +191,15 @@ def load_corpus(
     """
     rows: list[tuple[np.ndarray, np.ndarray]] = []
     if os.path.isfile(path) and path.endswith(".jsonl"):
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UsageError(f"--data {path} line {n} is not JSON") from None
-                ids = row.get("input_ids", row.get("ids")) if isinstance(row, dict) else None
-                if not isinstance(ids, list):
-                    raise UsageError(f"--data {path} line {n} needs an 'input_ids' (or 'ids') list of token ids")
-                ids = np.asarray(ids, np.int64)
-                if "loss_mask" not in row:
-                    rows += _windows(ids, seq_len)
-                    continue
-                mask = np.asarray(row["loss_mask"], np.int64)
-                if ids.ndim != 1 or mask.shape != ids.shape:
-                    raise UsageError(f"--data {path} line {n}: loss_mask must have one 0/1 entry per input id")
-                rows.append((ids[:seq_len], mask[:seq_len]))
+        for n, row, ids in jsonl_token_rows(path):
+            ids = np.asarray(ids, np.int64)
+            if "loss_mask" not in row:
+                rows += _windows(ids, seq_len)
+                continue
+            mask = np.asarray(row["loss_mask"], np.int64)
+            if ids.ndim != 1 or mask.shape != ids.shape:
+                raise UsageError(f"--data {path} line {n}: loss_mask must have one 0/1 entry per input id")
+            rows.append((ids[:seq_len], mask[:seq_len]))
     elif os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
         if not files:
@@ -233,6 +223,23 @@ def load_corpus(
     if not rows:
         raise UsageError(f"--data {path!r} yields no sequence with at least {min_supervised} supervised tokens")
     return _pack(rows, seq_len)
+
+
+def jsonl_token_rows(path: str):
+    """Yield (line number, row, ids) for each non-empty line of a .jsonl whose rows are objects with an
+    "input_ids" (or "ids") list; a line that is not JSON or has no such list is a UsageError naming it."""
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"--data {path} line {n} is not JSON") from None
+            ids = row.get("input_ids", row.get("ids")) if isinstance(row, dict) else None
+            if not isinstance(ids, list):
+                raise UsageError(f"--data {path} line {n} needs an 'input_ids' (or 'ids') list of token ids")
+            yield n, row, ids
 
 
 def _windows(ids: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
