@@ -502,9 +502,10 @@ def round_seconds_table(target, draft, batch: int, cache_len: int, widths: tuple
     A round = the draft's proposal (timed once) + the target pass; the pass is compiled and timed at each compiled
     width w over [batch, w] through a cache of the loop's length. Each time is the fastest of 5 (noise only ever
     adds); entries between the measured N = batch * w are interpolated linearly and the table is made
-    non-decreasing, as the true cost is. Measured once per (models, batch, cache length, widths) in this process.
+    non-decreasing, as the true cost is. The cost depends on shapes, not weights: measured once per (model configs,
+    batch, cache length, widths, sampling) in this process.
     """
-    key = (id(target.state), id(draft.state), batch, cache_len, widths, sampling, jax.default_backend())
+    key = (target.config, draft.config, batch, cache_len, widths, sampling, jax.default_backend())
     if key not in _ROUND_SECONDS:
         target_cache = target.module().init_cache(batch, cache_len)
         draft_cache = draft.module().init_cache(batch, cache_len)
