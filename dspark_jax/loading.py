@@ -19,7 +19,7 @@ from dspark_jax.models import Draft, Qwen3
 from dspark_jax.sharding import ShardingRules, state_shardings
 from dspark_jax.tokenizer import Tokenizer, stop_token_ids
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.md"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "chat_template.jinja", "*.md"]
 
 
 def resolve(path_or_id: str) -> str:
