@@ -7,13 +7,35 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a device run sets JAX_PLATFORMS
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
-GOLDENS = SHARED / "goldens" / "deepspec_qwen3_tiny"
+# Reference vectors of the PyTorch DeepSpec implementation on tiny random models, committed in compact form
+# (tests/data/goldens/README.md; tests/data/make_goldens.py rebuilds them from the full golden folder).
+GOLDENS = pathlib.Path(__file__).resolve().parent / "data" / "goldens"
+GOLDEN_VARIANTS = ("markov", "rnn", "dflash")
+
+
+def golden_folder(variant: str, name: str) -> pathlib.Path:
+    """HF folder of a golden model: name "target" (one folder, the three variants share it), "draft" or
+    "draft_distilled" (per variant)."""
+    if variant not in GOLDEN_VARIANTS:
+        raise ValueError(f"variant={variant!r}; accepted: {GOLDEN_VARIANTS}")
+    return GOLDENS / "target" if name == "target" else GOLDENS / variant / name
+
+
+def golden_arrays(variant: str) -> dict[str, np.ndarray]:
+    """The golden arrays of one variant by their golden names (goldens README §4), a fresh dict per call."""
+    if variant not in GOLDEN_VARIANTS:
+        raise ValueError(f"variant={variant!r}; accepted: {GOLDEN_VARIANTS}")
+    aliases = json.loads((GOLDENS / "aliases.json").read_text())[variant]
+    with np.load(GOLDENS / "arrays.npz", allow_pickle=False) as z:
+        arrays = {name.split(".", 1)[1]: z[name] for name in z.files if name.startswith(variant + ".")}
+        arrays.update({name: z[stored] for name, stored in aliases.items()})
+    return arrays
 
 
 def rel_err(a, b) -> float:

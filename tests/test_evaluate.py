@@ -5,12 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import GOLDENS
+from conftest import GOLDENS, golden_folder
 
 import dspark_jax as dj
 from dspark_jax.evaluate import main
 
 PAIR = GOLDENS / "markov"
+TARGET = golden_folder("markov", "target")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def setup(tmp_path_factory):
 
 
 def _run(setup, capsys, *extra):
-    args = ["--target", str(PAIR / "target"), "--draft", str(setup / "draft"), "--data", str(setup / "data.jsonl")]
+    args = ["--target", str(TARGET), "--draft", str(setup / "draft"), "--data", str(setup / "data.jsonl")]
     code = main(args + ["--num-prompts", "6", "--prompt-len", "24", "--max-new-tokens", "48", *extra])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -50,7 +51,7 @@ def test_metrics_then_calibration_fit_round_trip(setup, capsys):
     assert stored["ece_fitted"] <= stored["ece_raw"] + 1e-12  # fitted on these very rounds
     assert saved["metrics"]["calibration"]["summary"]["ece"] == pytest.approx(stored["ece_fitted"])
 
-    target = dj.load_target(str(PAIR / "target"), dtype="float32")
+    target = dj.load_target(str(TARGET), dtype="float32")
     draft = dj.load_draft(str(setup / "draft"), target=target)
     np.testing.assert_allclose(draft.calibration, stored["temperatures"], rtol=1e-6)
     code, out, _ = _run(setup, capsys)  # a later evaluation reports the calibrated metrics beside the raw ones

@@ -7,11 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import GOLDENS, tiny_qwen3_hf
+from conftest import GOLDENS, golden_arrays, golden_folder, tiny_qwen3_hf
 
 from dspark_jax.generate import main
 
 RNN = GOLDENS / "rnn"
+TARGET = golden_folder("rnn", "target")  # the three variants share one target
 MARKOV_DRAFT = str(GOLDENS / "markov" / "draft")
 JSON_KEYS = {"prompts", "tau", "new_tokens", "seconds", "tokens_per_s", "plain_tokens_per_s", "speedup", "config"}
 PROMPT_KEYS = {"prompt_ids", "tokens", "text", "acceptance_lengths", "proposal_lengths"}
@@ -19,7 +20,7 @@ PROMPT_KEYS = {"prompt_ids", "tokens", "text", "acceptance_lengths", "proposal_l
 
 @pytest.fixture(scope="module")
 def goldens():
-    return np.load(RNN / "goldens.npz")
+    return golden_arrays("rnn")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_happy_path_compare_json(capsys, goldens, prompt_ids):
     # reused, and the output must be the golden loop.
     argv = [
         "--target",
-        str(RNN / "target"),
+        str(TARGET),
         "--draft",
         str(RNN / "draft_distilled"),
         "--prompt-ids",
@@ -79,16 +80,14 @@ def test_happy_path_compare_json(capsys, goldens, prompt_ids):
 def test_bad_verify_flag(capsys, verify, needle):
     assert_usage_error(
         capsys,
-        ["--target", str(RNN / "target"), "--draft", str(RNN / "draft"), "--prompt-ids", "1,2", "--verify", verify],
+        ["--target", str(TARGET), "--draft", str(RNN / "draft"), "--prompt-ids", "1,2", "--verify", verify],
         needle,
     )
 
 
 def test_unknown_draft_path(capsys, tmp_path):
     missing = str(tmp_path / "no_such_draft")
-    assert_usage_error(
-        capsys, ["--target", str(RNN / "target"), "--draft", missing, "--prompt-ids", "1,2"], "no_such_draft"
-    )
+    assert_usage_error(capsys, ["--target", str(TARGET), "--draft", missing, "--prompt-ids", "1,2"], "no_such_draft")
 
 
 def test_draft_for_another_target(capsys, tmp_path):
@@ -101,7 +100,7 @@ def test_draft_for_another_target(capsys, tmp_path):
 def test_scheduler_keeps_the_golden_output(capsys, goldens, prompt_ids):
     """--verify scheduler (spec §11, cost table measured here) cuts blocks by confidence; greedy output stays the
     target's own."""
-    argv = ["--target", str(RNN / "target"), "--draft", str(RNN / "draft_distilled"), "--prompt-ids", prompt_ids]
+    argv = ["--target", str(TARGET), "--draft", str(RNN / "draft_distilled"), "--prompt-ids", prompt_ids]
     assert main(argv + ["--max-new-tokens", "48", "--verify", "scheduler", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     (row,) = result["prompts"]
@@ -116,7 +115,7 @@ def test_confidence_policies_need_a_confidence_head(capsys, verify):
         capsys,
         [
             "--target",
-            str(GOLDENS / "dflash" / "target"),
+            str(golden_folder("dflash", "target")),
             "--draft",
             str(GOLDENS / "dflash" / "draft"),
             "--prompt-ids",
@@ -136,7 +135,7 @@ def test_bad_input_in_a_real_process():
             "-m",
             "dspark_jax.generate",
             "--target",
-            str(RNN / "target"),
+            str(TARGET),
             "--draft",
             MARKOV_DRAFT + "_missing",
             "--prompt-ids",
