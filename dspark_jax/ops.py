@@ -1,9 +1,38 @@
-"""The one gateway to pallas_kernels: models and decoding call these, which pick a kernel or its reference."""
+"""The one gateway to pallas_kernels: models and decoding call these, which pick a kernel or its reference.
+
+Which acceptance rule the decode loop runs is one setting, `VERIFY_IMPL`:
+
+- "reference" (the default): the pure-jnp rule, on every backend;
+- "pallas": the Pallas kernel (Triton on GPU, Mosaic on TPU; the interpreter on CPU, slow, for checks only);
+- "auto": pallas_kernels' own choice (the kernel on GPU/TPU, the reference on CPU).
+
+The default stays "reference" until the compiled kernel has passed inside the loop on a device
+(`benchmarks/device_check.sh`), so a scarce device run cannot fail on an untried kernel. The environment variable
+`DSPARK_VERIFY_IMPL` sets it, read once at import; code may assign `ops.VERIFY_IMPL` before its first `generate`
+call (a compiled loop keeps the rule it was traced with) or pass `impl=` to `accept_chain`.
+"""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
+
+from dspark_jax.errors import UsageError
+
+VERIFY_IMPLS = ("reference", "pallas", "auto")
+# An environment variable (not a config field) so that a device run can switch the kernel on without code edits;
+# it picks between two implementations of the same rule, never the model's behaviour.
+VERIFY_IMPL = os.environ.get("DSPARK_VERIFY_IMPL") or "reference"
+
+
+def verify_impl(impl: str | None = None) -> str:
+    """The acceptance implementation to use: `impl` when given, else the module setting; validated."""
+    name, value = ("impl", impl) if impl is not None else ("DSPARK_VERIFY_IMPL", VERIFY_IMPL)
+    if value not in VERIFY_IMPLS:
+        raise UsageError(f"{name} must be one of {', '.join(VERIFY_IMPLS)}, got {value!r}")
+    return value
 
 
 def chain_parents(batch: int, nodes: int) -> jax.Array:
@@ -12,18 +41,31 @@ def chain_parents(batch: int, nodes: int) -> jax.Array:
 
 
 def accept_chain(
-    draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl: str = "auto"
+    draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl: str | None = None
 ):
     """Speculative acceptance of a chain of drafts (spec §6.6).
 
     draft_tokens i32[batch, slots]; num_proposed i32[batch]; target_probs f32[batch, slots + 1, vocab];
     draft_probs f32[batch, slots, vocab]; uniforms f32[batch, slots]; residual_uniforms f32[batch].
+    impl: "reference" | "pallas" | "auto" (see the module docstring); None = `VERIFY_IMPL`. "pallas" on a CPU
+    runs the kernel in interpret mode.
     Returns (accepted i32[batch], next_token i32[batch]).
     """
+    from pallas_kernels import _common
     from pallas_kernels.verify import verify
 
+    impl = verify_impl(impl)
+    interpret = impl == "pallas" and not _common.has_accelerator()
     parents = chain_parents(*draft_tokens.shape)
     accepted, _, next_token = verify(
-        draft_tokens, parents, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl=impl
+        draft_tokens,
+        parents,
+        num_proposed,
+        target_probs,
+        draft_probs,
+        uniforms,
+        residual_uniforms,
+        impl=impl,
+        interpret=interpret,
     )
     return accepted, next_token
