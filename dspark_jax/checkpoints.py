@@ -1,4 +1,5 @@
-"""orbax save/restore of an nnx.State (plus its config.json), written atomically, restored into target shardings."""
+"""Files of a checkpoint folder: orbax save/restore of an nnx.State (plus its config.json), written atomically and
+restored into target shardings, and a draft's `calibration.json` (per-slot confidence temperatures, spec §10)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import shutil
 import tempfile
 
 import jax
+import numpy as np
 from flax import nnx
 
-from dspark_jax.errors import DSparkError
+from dspark_jax.errors import DSparkError, UsageError
 
 PARAMS_DIR = "params"
 FORMAT = "orbax-nnx-state"
+CALIBRATION_FILE = "calibration.json"
 
 
 def is_orbax_checkpoint(path: str) -> bool:
@@ -97,3 +100,33 @@ def restore_state(src: str, abstract_state: nnx.State, shardings=None) -> nnx.St
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored)
     return state
+
+
+def save_calibration(folder: str, temperatures, block_size: int, info: dict | None = None) -> str:
+    """Write `calibration.json` into `folder` atomically; returns its path."""
+    temps = [float(t) for t in temperatures]
+    if len(temps) != block_size or not all(t > 0 for t in temps):
+        raise UsageError(f"calibration needs {block_size} positive temperatures, got {temps}")
+    path = os.path.join(folder, CALIBRATION_FILE)
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump({"temperatures": temps, **(info or {})}, f, indent=1)
+        f.write("\n")
+    return path
+
+
+def load_calibration(folder: str, block_size: int) -> np.ndarray | None:
+    """The folder's per-slot temperatures f32[B], or None when it has no calibration.json."""
+    path = os.path.join(folder, CALIBRATION_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            temps = json.load(f)["temperatures"]
+        temps = np.asarray(temps, np.float32)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(
+            f"{path} is not a calibration file: expected {{'temperatures': [{block_size} numbers]}}"
+        ) from None
+    if temps.shape != (block_size,) or not np.all(temps > 0):
+        raise UsageError(f"{path} holds temperatures {temps.tolist()}; expected {block_size} positive numbers")
+    return temps

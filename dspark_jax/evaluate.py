@@ -67,7 +67,8 @@ def load_prompts(path: str, num_prompts: int, prompt_len: int, seed: int, tokeni
 
 def run(args: EvalArgs) -> dict:
     import dspark_jax as dj
-    from dspark_jax.decoding.calibration import fit_temperatures, save_calibration
+    from dspark_jax.checkpoints import save_calibration
+    from dspark_jax.decoding.calibration import fit_temperatures
     from dspark_jax.metrics import calibration_data, calibration_metrics, speculative_metrics
 
     dj.SamplingConfig(args.temperature, args.top_p, args.top_k)

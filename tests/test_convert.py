@@ -24,8 +24,8 @@ from conftest import tiny_qwen3_hf  # noqa: E402
 import dspark_jax as dj  # noqa: E402
 from conversion import convert  # noqa: E402
 from conversion.keymaps import KEYMAPS  # noqa: E402
+from conversion.loader import convert_checkpoint  # noqa: E402
 from conversion.reader import DTYPES, load_manifest, open_checkpoint, save_safetensors  # noqa: E402
-from dspark_jax import loading  # noqa: E402
 from dspark_jax.configs import Qwen3Config  # noqa: E402
 from dspark_jax.errors import DSparkError, UsageError  # noqa: E402
 from dspark_jax.models import Qwen3  # noqa: E402
@@ -72,7 +72,7 @@ def test_orbax_round_trip_through_cli(hf_folder, tmp_path, capsys, dtype, mesh):
 
 def test_load_target_from_orbax_into_a_mesh(hf_folder, tmp_path):
     dst = tmp_path / "ckpt"
-    loading.convert_checkpoint(str(hf_folder), str(dst), dtype="float32")
+    convert_checkpoint(str(hf_folder), str(dst), dtype="float32")
     sharded = dj.load_target(str(dst), dtype="float32", mesh=make_mesh("data=2,model=2"))
     q = sharded.state["layers"][0]["self_attn"]["q_proj"][...]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model", None)

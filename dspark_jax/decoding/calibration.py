@@ -2,21 +2,17 @@
 prefix products s_j = prod_{i<=j} sigmoid(z_i / t_i) match how often slots 0..j were all accepted.
 
 Fitted on full-block rounds (`generate(..., verify="full")`'s `confidence_logits` and `acceptance_lengths`) and
-stored beside the draft as `calibration.json`, which `load_draft` reads and the scheduler uses.
+stored beside the draft as `calibration.json`, which `load_draft` reads and the scheduler uses. That file's reading
+and writing live in dspark_jax.checkpoints (re-exported here).
 """
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
-from dspark_jax.checkpoints import atomic_file
-from dspark_jax.errors import UsageError
+from dspark_jax.checkpoints import CALIBRATION_FILE, load_calibration, save_calibration
 from dspark_jax.metrics import ece, prefix_predictions
 
-CALIBRATION_FILE = "calibration.json"
 GRID = np.geomspace(0.25, 8.0, 200)  # spec §10 port decision: log-spaced temperatures in [0.25, 8]
 
 
@@ -41,31 +37,4 @@ def fit_temperatures(z: np.ndarray, accepted: np.ndarray, proposed: np.ndarray) 
     return temps
 
 
-def save_calibration(folder: str, temperatures, block_size: int, info: dict | None = None) -> str:
-    """Write `calibration.json` into `folder` atomically; returns its path."""
-    temps = [float(t) for t in temperatures]
-    if len(temps) != block_size or not all(t > 0 for t in temps):
-        raise UsageError(f"calibration needs {block_size} positive temperatures, got {temps}")
-    path = os.path.join(folder, CALIBRATION_FILE)
-    with atomic_file(path) as tmp, open(tmp, "w") as f:
-        json.dump({"temperatures": temps, **(info or {})}, f, indent=1)
-        f.write("\n")
-    return path
-
-
-def load_calibration(folder: str, block_size: int) -> np.ndarray | None:
-    """The folder's per-slot temperatures f32[B], or None when it has no calibration.json."""
-    path = os.path.join(folder, CALIBRATION_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            temps = json.load(f)["temperatures"]
-        temps = np.asarray(temps, np.float32)
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(
-            f"{path} is not a calibration file: expected {{'temperatures': [{block_size} numbers]}}"
-        ) from None
-    if temps.shape != (block_size,) or not np.all(temps > 0):
-        raise UsageError(f"{path} holds temperatures {temps.tolist()}; expected {block_size} positive numbers")
-    return temps
+__all__ = ["CALIBRATION_FILE", "GRID", "fit_temperatures", "load_calibration", "save_calibration"]

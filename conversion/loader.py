@@ -1,0 +1,121 @@
+"""Checkpoint folder -> param state: safetensors through the key maps (engine.py) or orbax (dspark_jax.checkpoints),
+and the safetensors -> orbax conversion behind `python -m conversion.convert`.
+
+`dspark_jax.loading` builds its handles on top of this module; nothing here knows about decoding or handles.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flax import nnx
+
+from conversion.engine import convert_state
+from conversion.keymaps import KEYMAPS
+from conversion.reader import open_checkpoint
+from dspark_jax import checkpoints
+from dspark_jax.configs import DTYPES, DraftConfig, Qwen3Config, read_config_json
+from dspark_jax.errors import DSparkError, UsageError
+from dspark_jax.hub import resolve
+from dspark_jax.models import Draft, Qwen3
+from dspark_jax.sharding import ShardingRules, state_shardings
+
+
+def checkpoint_kind(config: dict, source: str) -> str:
+    """'qwen3', 'dspark' or 'dflash' (or 'dspark_gemma4' / 'dflash_gemma4') from a config.json dict."""
+    arch = (config.get("architectures") or [""])[0]
+    if config.get("architectures") == ["Gemma4DSparkModel"]:  # Gemma4 flavour (spec §4.5, §5.1)
+        heads = config.get("markov_rank") or config.get("enable_confidence_head")
+        return "dspark_gemma4" if heads else "dflash_gemma4"
+    if arch in ("Qwen3DSparkModel",) or "block_size" in config:
+        return "dspark" if config.get("markov_rank") or config.get("enable_confidence_head") else "dflash"
+    if config.get("model_type") == "qwen3" or arch == "Qwen3ForCausalLM":
+        return "qwen3"
+    raise UsageError(
+        f"{source}: unsupported architecture {arch or config.get('model_type')!r}; accepted: "
+        "Qwen3ForCausalLM, Qwen3DSparkModel, Gemma4DSparkModel"
+    )
+
+
+def check_dtype(dtype: str) -> str:
+    """`dtype` itself when it is a dtype params can be stored in; a one-line UsageError otherwise."""
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+    return dtype
+
+
+def abstract_model(model_cls, config) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract state) of `model_cls(config)`, with no array allocated."""
+    # rngs=None: no random init to trace (layers.params.declare); the values are replaced by the checkpoint's.
+    return nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=None)))
+
+
+def load_params(
+    folder: str, kind: str, model_cls, config, mesh, source: str, bound: dict | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of `model_cls(config)` filled from an orbax folder or a safetensors folder.
+
+    `kind` (from `checkpoint_kind`) picks the key map; `bound` maps tree paths to arrays the caller supplies (a
+    draft's frozen copies of its target's embedding / LM head, spec §5.3). With a `mesh` every param lands in its
+    sharding from `ShardingRules`; without, on the default device.
+    """
+    graphdef, abstract = abstract_model(model_cls, config)
+    shardings = state_shardings(abstract, mesh, ShardingRules()) if mesh is not None else None
+    if checkpoints.is_orbax_checkpoint(folder):
+        return graphdef, checkpoints.restore_state(folder, abstract, shardings)
+    with open_checkpoint(folder) as reader:
+        # Gemma4 buffers of value 1.0 (spec §5.2): ignored by Qwen3 drafts, loaded as LayerScalar by Gemma4 ones.
+        skip = (r"layers\.\d+\.layer_scalar",)
+        state = convert_state(
+            reader,
+            KEYMAPS[kind],
+            abstract,
+            source=source,
+            mesh=mesh,
+            bound=bound,
+            skip=skip if kind in ("dspark", "dflash") else (),
+        )
+    return graphdef, state
+
+
+def convert_checkpoint(src: str, dst: str, *, kind: str = "auto", dtype: str = "bfloat16", mesh=None) -> None:
+    """Safetensors (folder or hub id) -> orbax folder at `dst` with config.json; atomic (nothing left on failure)."""
+    folder = resolve(src)
+    _check_destination(dst, folder)
+    raw = read_config_json(folder)
+    detected = checkpoint_kind(raw, os.path.join(folder, "config.json"))
+    if kind not in ("auto", detected):
+        raise UsageError(f"--kind {kind} does not match the checkpoint at {src!r}, which is {detected}")
+    dtype = check_dtype(dtype)
+    if detected == "qwen3":
+        config = Qwen3Config.from_hf_dict(raw).with_dtype(dtype)
+        graphdef, state = load_params(folder, detected, Qwen3, config, mesh, src)
+    else:
+        config = DraftConfig.from_hf_dict(raw).with_dtype(dtype)
+        graphdef, state = load_params(folder, detected, Draft, config, mesh, src)
+    extras = tuple(
+        os.path.join(folder, f)
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+        if os.path.isfile(os.path.join(folder, f))
+    )
+    try:
+        checkpoints.save_state(dst, state, {**raw, "torch_dtype": dtype}, extras)
+    except OSError as e:  # unwritable or invalid destination: one line, like every other bad input
+        raise DSparkError(f"cannot write {dst!r}: {e.strerror or e}") from None
+
+
+def _check_destination(dst: str, src_folder: str) -> None:
+    """Refuse a --dst whose replacement would destroy something that is not a previous conversion."""
+    if not isinstance(dst, str) or not dst:
+        raise UsageError(f"dst must be a folder path, got {dst!r}")
+    real = os.path.realpath(dst)
+    src = os.path.realpath(src_folder)
+    if real == src or src.startswith(real + os.sep):
+        raise UsageError(f"dst {dst!r} would overwrite the source checkpoint {src_folder!r}; pick another folder")
+    if os.path.exists(dst) and not (
+        os.path.isdir(dst) and (not os.listdir(dst) or checkpoints.is_orbax_checkpoint(dst))
+    ):
+        raise UsageError(f"dst {dst!r} exists and is not a dspark_jax checkpoint; remove it or pick a new folder")
+
+
+__all__ = ["abstract_model", "check_dtype", "checkpoint_kind", "convert_checkpoint", "load_params"]
