@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDENS, rel_err
+from conftest import GOLDENS, golden_arrays, golden_folder, rel_err
 from flax import nnx
 
 import dspark_jax as dj
@@ -40,13 +40,13 @@ OBSERVED: dict[str, float] = {}  # largest relative error per golden array suffi
 
 @pytest.fixture(scope="module")
 def goldens():
-    return {v: np.load(GOLDENS / v / "goldens.npz") for v in VARIANTS}
+    return {v: golden_arrays(v) for v in VARIANTS}
 
 
 @pytest.fixture(scope="module")
 def target():
     # All variants share target/ (same seed, README §1); load it once.
-    return dj.load_target(str(GOLDENS / "markov" / "target"), dtype="float32")
+    return dj.load_target(str(golden_folder("markov", "target")), dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -430,8 +430,8 @@ def test_batch_equals_rows(drafts, goldens):
                 a, b = np.asarray(getattr(batched, name)[i]), np.asarray(getattr(alone, name)[0])
                 assert rel_err(a, b) <= 1e-6, name
             n = positions[i]
-            assert rel_err(batch_cache.k[:, i, :n], row_caches[i].k[:, 0, :n]) <= 1e-6
-            assert rel_err(batch_cache.v[:, i, :n], row_caches[i].v[:, 0, :n]) <= 1e-6
+            assert rel_err(batch_cache.k[:, i, :, :n], row_caches[i].k[:, 0, :, :n]) <= 1e-6
+            assert rel_err(batch_cache.v[:, i, :, :n], row_caches[i].v[:, 0, :, :n]) <= 1e-6
     # Row 0 is the exported T = 0 round 1.
     np.testing.assert_array_equal(np.asarray(batched.tokens[0]), z["t0_r1_draft_tokens"])
 
@@ -459,7 +459,9 @@ def test_cached_equals_uncached(drafts, goldens):
     hidden, context_kv = _uncached(handle.graphdef, handle.state, jnp.asarray(feats)[None], jnp.array([anchor]))
     assert rel_err(cached.hidden, hidden) <= 1e-6
     for i, (k, v) in enumerate(context_kv):
-        assert rel_err(cache.k[i, :, :24], k) <= 1e-6 and rel_err(cache.v[i, :, :24], v) <= 1e-6
+        # cache [batch, kv_heads, cache_len, head_dim]; context_kv in projection order [batch, t, kv_heads, head_dim]
+        k, v = np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2)
+        assert rel_err(cache.k[i, :, :, :24], k) <= 1e-6 and rel_err(cache.v[i, :, :, :24], v) <= 1e-6
     assert_close(hidden[0], z["t0_r0_block_hidden"], "t0_r0_block_hidden")
     np.testing.assert_array_equal(np.asarray(cached.tokens[0]), z["t0_r0_draft_tokens"])
 

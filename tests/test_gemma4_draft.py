@@ -386,7 +386,7 @@ def test_draft_from_checkpoint_runs_on_hf_target_features(tmp_path, k_eq_v):
     b = ids.shape[0]
     assert prop.tokens.shape == (b, BLOCK) and prop.base_logits.shape == (b, BLOCK, V)
     assert prop.hidden.shape == (b, BLOCK, H) and prop.confidence_logits.shape == (b, BLOCK)
-    assert cache.k.shape[-2:] == (handle.config.model.num_key_value_heads, GLOBAL_HEAD_DIM)
+    assert (cache.k.shape[2], cache.k.shape[-1]) == (handle.config.model.num_key_value_heads, GLOBAL_HEAD_DIM)
     for arr in (prop.base_logits, prop.logits, prop.confidence_logits, prop.hidden):
         assert np.all(np.isfinite(np.asarray(arr)))
     assert np.abs(np.asarray(prop.base_logits)).max() <= CAP  # soft-capped (spec §4.6)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDENS, rel_err, tiny_qwen3_hf
+from conftest import GOLDENS, golden_arrays, golden_folder, rel_err, tiny_qwen3_hf
 from flax import nnx
 
 import dspark_jax as dj
@@ -31,10 +31,9 @@ VARIANTS = ("markov", "rnn", "dflash")
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def golden(request):
-    folder = GOLDENS / request.param
-    g = dict(np.load(folder / "goldens.npz"))
-    target = dj.load_target(str(folder / "target"), dtype="float32")
-    draft = dj.load_draft(str(folder / "draft"), target=target)
+    g = golden_arrays(request.param)
+    target = dj.load_target(str(golden_folder(request.param, "target")), dtype="float32")
+    draft = dj.load_draft(str(golden_folder(request.param, "draft")), target=target)
     model = draft.module()
     c = draft.config
     tokens = jnp.asarray(g["train_input_ids"][None], jnp.int32)
@@ -198,7 +197,7 @@ def test_inverse_transforms():
 
 @pytest.mark.parametrize("head", ["vanilla", "rnn", "gated", "dflash"])
 def test_export_draft_round_trip(tmp_path, head):
-    target = dj.load_target(str(GOLDENS / "markov" / "target"), dtype="float32")
+    target = dj.load_target(str(golden_folder("markov", "target")), dtype="float32")
     raw = json.loads((GOLDENS / "markov" / "draft" / "config.json").read_text())
     if head == "dflash":
         raw.update(markov_rank=0, enable_confidence_head=False)
@@ -220,7 +219,7 @@ def test_export_draft_round_trip(tmp_path, head):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_export_draft_is_inverse_of_convert(variant):
-    target = dj.load_target(str(GOLDENS / variant / "target"), dtype="float32")
+    target = dj.load_target(str(golden_folder(variant, "target")), dtype="float32")
     draft = dj.load_draft(str(GOLDENS / variant / "draft"), target)
     tensors = export_tensors(draft.state, KEYMAPS["dspark" if variant != "dflash" else "dflash"])
     with open_checkpoint(str(GOLDENS / variant / "draft")) as reader:
@@ -428,7 +427,7 @@ def test_build_job_defaults(corpus):
             "--mode",
             "draft",
             "--target",
-            str(g / "target"),
+            str(golden_folder("dflash", "target")),
             "--draft",
             str(g / "draft"),
             "--data",
@@ -444,7 +443,7 @@ def test_build_job_defaults(corpus):
     assert {x.dtype for x in jax.tree.leaves(job.target_state)} == {jnp.dtype(jnp.bfloat16)}
     assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32"
     assert {x.dtype for x in jax.tree.leaves(job.params)} == {jnp.dtype(jnp.float32)}
-    loaded = dj.load_draft(str(g / "draft"), dj.load_target(str(g / "target"), dtype="float32"))
+    loaded = dj.load_draft(str(g / "draft"), dj.load_target(str(golden_folder("dflash", "target")), dtype="float32"))
     np.testing.assert_array_equal(np.asarray(job.params["fc"][...]), np.asarray(loaded.state["fc"][...]))
 
 

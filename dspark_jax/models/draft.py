@@ -12,7 +12,7 @@ from flax import nnx
 
 from dspark_jax.cache import KVCache, write_layer
 from dspark_jax.configs import DraftConfig
-from dspark_jax.layers.attention import attend
+from dspark_jax.layers.attention import cached_context, dense_context
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import Frozen, declare
 from dspark_jax.models.gemma4 import Gemma4DecoderLayer, Gemma4RMSNorm, embed_scale, soft_cap
@@ -90,29 +90,34 @@ class Draft(nnx.Module):
         return jnp.concatenate([anchors[:, None].astype(jnp.int32), masks], axis=1)
 
     def layers_forward(self, tokens: jax.Array, positions: jax.Array, context_kv, mask: jax.Array) -> jax.Array:
-        """Run the draft layers over block rows.
+        """Run the draft layers over block rows against explicit context keys (the training path).
 
-        tokens/positions: i32[batch, t] block rows; context_kv: per layer (k, v) [batch, s, kv_heads, head_dim];
-        mask: bool[batch, t, s + t] (context columns, then block columns). Returns h [batch, t, hidden] after the
-        final norm.
+        tokens/positions: i32[batch, t] block rows; context_kv: per layer (k, v) [batch, s, kv_heads, head_dim]
+        (from `context_kv`); mask: bool[batch, t, s + t] (context columns, then block columns). Returns h
+        [batch, t, hidden] after the final norm.
+        """
+        s = context_kv[0][0].shape[1]
+        context = [dense_context(k, v, mask[:, :, :s]) for k, v in context_kv]
+        return self.blocks_forward(tokens, positions, context, mask[:, :, s:])
+
+    def blocks_forward(self, tokens: jax.Array, positions: jax.Array, context, own_mask: jax.Array) -> jax.Array:
+        """The draft layers over block rows.
+
+        tokens/positions: i32[batch, t]; context: per layer, the context keys as a function (qg, scale) -> Partial
+        (layers.attention: dense_context / cached_context); own_mask: bool[batch, t, t] over the block rows' own
+        keys. Returns h [batch, t, hidden] after the final norm.
         """
         c = self.config.model
         z = jnp.take(self.embed_tokens[...], tokens, axis=0)
         if self.config.gemma4 is not None:  # x sqrt(hidden), in the table's dtype like the target (spec §4.2)
             z = z * embed_scale(c.hidden_size, c.param_dtype)
         z = z.astype(c.dtype)
-        scale = c.head_dim**-0.5
-        for layer, (ctx_k, ctx_v) in zip(self.layers, context_kv):
+        for i, layer in enumerate(self.layers):
             if self.config.gemma4 is not None:
-                z = layer.draft_step(z, positions, ctx_k, ctx_v, mask)
+                z = layer.block_step(z, positions, context[i], own_mask)
                 continue
             attn = layer.self_attn
-            zn = layer.input_layernorm(z)
-            q = attn.queries(zn, positions)
-            k, v = attn.keys_values(zn, positions)
-            keys = jnp.concatenate([ctx_k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([ctx_v.astype(v.dtype), v], axis=1)
-            z = z + attn.output(attend(q, keys, values, mask, scale))
+            z = z + attn.block(layer.input_layernorm(z), positions, context[i], own_mask, c.head_dim**-0.5)
             z = z + layer.mlp(layer.post_attention_layernorm(z))
         return self.norm(z)
 
@@ -124,16 +129,10 @@ class Draft(nnx.Module):
         """
         bsz, slots = anchors.shape[0], self.config.block_size
         positions = anchor_positions[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :]
-        visible_ctx = jnp.arange(cache.cache_len)[None, :] < cache.lengths[:, None]  # [b, s]
-        mask = jnp.concatenate(
-            [
-                jnp.broadcast_to(visible_ctx[:, None, :], (bsz, slots, cache.cache_len)),
-                jnp.ones((bsz, slots, slots), bool),
-            ],
-            axis=-1,
-        )
-        context_kv = [(cache.k[i], cache.v[i]) for i in range(len(self.layers))]
-        return self.layers_forward(self.block_inputs(anchors), positions, context_kv, mask)
+        limits = jnp.broadcast_to(cache.lengths[:, None], (bsz, slots))
+        context = [cached_context(cache.k, cache.v, i, limits) for i in range(len(self.layers))]
+        own = jnp.ones((bsz, slots, slots), bool)
+        return self.blocks_forward(self.block_inputs(anchors), positions, context, own)
 
     def base_logits(self, hidden: jax.Array) -> jax.Array:
         """u_j = W_lm h_j (spec §4.6): [..., hidden] -> f32[..., vocab]."""

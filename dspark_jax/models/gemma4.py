@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.configs import DraftConfig
-from dspark_jax.layers.attention import Attention, attend
+from dspark_jax.layers.attention import Attention, dense_context
 from dspark_jax.layers.norms import rms_normalize
 from dspark_jax.layers.params import Frozen, declare
 from dspark_jax.layers.rope import apply_rope
@@ -190,12 +190,14 @@ class Gemma4DecoderLayer(nnx.Module):
         z: [batch, t, hidden] block rows; positions i32[batch, t]; ctx_k, ctx_v: [batch, s, kv_heads, head_dim]
         (roped / normed by `self_attn.keys_values`); mask: bool[batch, t, s + t]. Returns [batch, t, hidden].
         """
+        s = ctx_k.shape[1]
+        return self.block_step(z, positions, dense_context(ctx_k, ctx_v, mask[:, :, :s]), mask[:, :, s:])
+
+    def block_step(self, z: jax.Array, positions: jax.Array, context, own_mask: jax.Array) -> jax.Array:
+        """`draft_step` with the context keys as a function (qg, scale) -> Partial (layers.attention:
+        dense_context / cached_context) and own_mask: bool[batch, t, t] over the block's own keys."""
         attn = self.self_attn
-        zn = self.input_layernorm(z)
-        q = attn.queries(zn, positions)
-        k, v = attn.keys_values(zn, positions)
-        keys = jnp.concatenate([ctx_k.astype(k.dtype), k], axis=1)
-        values = jnp.concatenate([ctx_v.astype(v.dtype), v], axis=1)
-        z = z + self.post_attention_layernorm(attn.output(attend(q, keys, values, mask, 1.0)))  # scale 1
+        a = attn.block(self.input_layernorm(z), positions, context, own_mask, 1.0)  # scale 1
+        z = z + self.post_attention_layernorm(a)
         z = z + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(z)))
         return z * self.layer_scalar[...].astype(self.dtype)
