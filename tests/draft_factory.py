@@ -100,7 +100,8 @@ def bigram_table(sequences) -> dict[int, int]:
     return {a: max(c, key=lambda k: (c[k], -k)) for a, c in counts.items()}
 
 
-def linear_round_seconds(target, draft, batch, cache_len, widths, sampling) -> np.ndarray:
+def linear_round_seconds(target, draft, batch, cache_len, widths, sampling) -> tuple[np.ndarray, float]:
     """A stand-in for `loop.round_seconds_table` (same signature) that does not depend on this machine's timings:
-    a round costs 1 + 0.5 per extra position of the whole batch, so the scheduler cuts blocks at varied lengths."""
-    return (1.0 + 0.5 * np.arange(batch * widths[-1] + 1) / batch).astype(np.float32)
+    a round costs 1 + 0.5 per extra position of the whole batch, so the scheduler cuts blocks at varied lengths;
+    a round without the draft costs 1 (drafting costs half a pass)."""
+    return (1.5 + 0.5 * np.arange(batch * widths[-1] + 1) / batch).astype(np.float32), 1.0

@@ -9,7 +9,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDENS, rel_err, tiny_qwen3_hf
+from conftest import GOLDENS, golden_arrays, golden_folder, rel_err, tiny_qwen3_hf
 from draft_factory import bigram_draft, bigram_table, linear_round_seconds
 
 import dspark_jax as dj
@@ -73,7 +73,7 @@ def base4(tiny, prompts, bigram_drafts):
 
 
 def golden_target(variant="markov"):
-    return dj.load_target(str(GOLDENS / variant / "target"), dtype="float32")
+    return dj.load_target(str(golden_folder(variant, "target")), dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +311,7 @@ def _check_golden_loop(g, prefix, result, row=0):
 @pytest.mark.parametrize("variant", ("rnn", "dflash"))
 def test_goldens_e2e(variant):
     """Batch 1: the random and the distilled draft reproduce the reference's loops (goldens README §4.3)."""
-    g = np.load(GOLDENS / variant / "goldens.npz")
+    g = golden_arrays(variant)
     prompt = g["prompt_ids"].tolist()
     target = golden_target(variant)
     plain = dj.generate(target, None, [prompt], max_new_tokens=48)
@@ -327,7 +327,7 @@ def test_goldens_e2e(variant):
 def test_goldens_e2e_markov_ragged_batch(gtarget):
     """The markov pairs at batch 3 with ragged prompts: row 0 reproduces the golden loops, the other rows are the
     target's greedy path."""
-    g = np.load(GOLDENS / "markov" / "goldens.npz")
+    g = golden_arrays("markov")
     prompt = g["prompt_ids"].tolist()
     batch = [prompt, prompt[:17], prompt[5:] + prompt[:3]]
     for folder, prefix in (("draft", "e2e_"), ("draft_distilled", "dist_e2e_")):
@@ -350,7 +350,7 @@ def _residual_uniform(dist, token):
 @pytest.mark.parametrize("rnd", (0, 1))
 def test_goldens_t1_replay(variant, rnd):
     """T = 1 rounds replayed through our sampling maths and the acceptance rule (goldens README §5.4)."""
-    g = np.load(GOLDENS / variant / "goldens.npz")
+    g = golden_arrays(variant)
     k = f"t1_r{rnd}_"
     t1 = SamplingConfig(1.0)
     tol = {"rtol": 0, "atol": 1e-5}
@@ -369,7 +369,7 @@ def test_goldens_t1_replay(variant, rnd):
     block = len(x)
     if a < block:
         res = np.asarray(residual(jnp.asarray(target_probs[a]), jnp.asarray(p[a])))
-        if k + "residual_probs" in g.files:
+        if k + "residual_probs" in g:
             np.testing.assert_allclose(res, g[k + "residual_probs"], **tol)
         final = res
     else:

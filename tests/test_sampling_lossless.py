@@ -187,7 +187,7 @@ def test_broken_residual_is_rejected(target, draft, laws, monkeypatch, capsys):
     """Negative control: draw the extra token after a rejection from pi_A instead of the residual (pi_A - p_A)+."""
     real = ops.accept_chain
 
-    def broken(draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl="auto"):
+    def broken(draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl=None):
         accepted, _ = real(
             draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms, impl=impl
         )

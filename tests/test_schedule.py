@@ -44,14 +44,14 @@ def test_scheduler_matches_the_spec_walk(seed):
     temps = rng.uniform(0.5, 2.0, size=slots).astype(np.float32)
     live = rng.random(batch) < 0.8
     seconds = np.cumsum(rng.uniform(0.0, 0.3, size=batch * (slots + 1) + 1)).astype(np.float32) + 1.0
-    got = scheduled_num_to_verify(jnp.asarray(z), jnp.asarray(temps), jnp.asarray(live), jnp.asarray(seconds))
+    got, _ = scheduled_num_to_verify(jnp.asarray(z), jnp.asarray(temps), jnp.asarray(live), jnp.asarray(seconds))
     np.testing.assert_array_equal(np.asarray(got), walk(z, temps, live, seconds.astype(np.float64)))
 
 
 def test_scheduler_extremes():
     z = jnp.array([[3.0, 2.0, 0.0, -1.0], [1.0, 1.0, 1.0, 1.0]])
     ones, live = jnp.ones(4), jnp.array([True, True])
-    verify = lambda seconds, live=live: np.asarray(scheduled_num_to_verify(z, ones, live, jnp.asarray(seconds)))  # noqa: E731
+    verify = lambda seconds, live=live: np.asarray(scheduled_num_to_verify(z, ones, live, jnp.asarray(seconds))[0])  # noqa: E731
     np.testing.assert_array_equal(verify([1.0] * 11), [4, 4])  # free verification: everything
     np.testing.assert_array_equal(verify(np.arange(11.0)), [0, 0])  # cost proportional to tokens: nothing pays
     # 0.1 s per token: candidates s = .95 .84 .73 .53 .42 .39 pay for themselves, the next (.29) does not
@@ -68,11 +68,11 @@ def test_scheduler_is_causal(seed):
     z = rng.normal(1.0, 2.0, size=(1, slots)).astype(np.float32)
     seconds = jnp.asarray(np.cumsum(rng.uniform(0.0, 0.2, size=slots + 2)) + 1.0, jnp.float32)  # batch 1
     args = (jnp.ones(slots), jnp.array([True]), seconds)
-    k = int(scheduled_num_to_verify(jnp.asarray(z), *args)[0])
+    k = int(scheduled_num_to_verify(jnp.asarray(z), *args)[0][0])
     for j in range(slots - 1):
         changed = z.copy()
         changed[0, j + 1 :] = rng.normal(1.0, 4.0, size=slots - j - 1)
-        k2 = int(scheduled_num_to_verify(jnp.asarray(changed), *args)[0])
+        k2 = int(scheduled_num_to_verify(jnp.asarray(changed), *args)[0][0])
         assert min(k, j + 1) == min(k2, j + 1), (j, k, k2)
 
 

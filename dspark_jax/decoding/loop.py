@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,23 +18,26 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.configs import SamplingConfig, VerifyPolicy
-from dspark_jax.decoding.propose import propose
-from dspark_jax.decoding.schedule import num_to_verify, policy_threshold, scheduled_num_to_verify
+from dspark_jax.decoding.prefill import prefill_prompts
+from dspark_jax.decoding.propose import Proposal, propose
+from dspark_jax.decoding.schedule import SchedulerState, num_to_verify, policy_threshold, scheduled_num_to_verify
 from dspark_jax.decoding.state import DecodeState
 from dspark_jax.decoding.verify import accept, target_pass
 from dspark_jax.errors import UsageError
-from dspark_jax.sampling import draw, probabilities
+from dspark_jax.sampling import SamplingParams, draw, first_argmax, probabilities
 
 MIN_PROMPT_BUCKET = 16
+MIN_CACHE_BUCKET = 256
+BATCH_BUCKETS = tuple(1 << i for i in range(13))  # 1 .. 4096 rows
 STOP_SLOTS = 4  # stop ids are padded with -1 to a multiple of this, so their number rarely changes the shapes
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopSpec:
-    """Everything static about one compiled loop (hashable: it keys the jit cache). Stop tokens and the verify
-    threshold are data in DecodeState, so they never recompile the loop."""
+    """Everything static about one compiled loop (hashable: it keys the jit cache). Sampling settings, stop
+    tokens, limits and the verify threshold are data in DecodeState, so they never recompile the loop; batch and
+    cache length come from buckets (`prepare`)."""
 
-    sampling: SamplingConfig
     tap_layer_ids: tuple[int, ...]
     block_size: int  # drafts per round; 0 = plain decoding
     context_len: int  # positions must stay below this (the target's max_position_embeddings)
@@ -96,40 +100,33 @@ def prefill(
     keys,
     stop_ids,
     thresholds,
-    temperatures=None,
-    round_seconds=None,
+    sampling: SamplingParams,
+    scheduler: SchedulerState | None = None,
     *,
     spec: LoopSpec,
 ) -> DecodeState:
     """Target over the padded prompts, first token from the last prompt position (spec §6.2).
 
     prompts: i32[batch, bucket] right-padded; prompt_lens, limits: i32[batch]; keys: per-row keys [batch];
-    stop_ids: i32[stop_slots] padded with -1; thresholds: f32[batch] verify-policy thresholds; temperatures,
-    round_seconds: the scheduler's inputs (see DecodeState), None unless spec.scheduler.
+    stop_ids: i32[stop_slots] padded with -1; thresholds: f32[batch] verify-policy thresholds; sampling: per-row
+    settings; done from the start: rows with prompt_lens >= limits (bucket padding); scheduler: the prefix
+    scheduler's state (see DecodeState), None unless spec.scheduler.
     """
     target = nnx.merge(target_def, target_state)
     bsz, bucket = prompts.shape
-    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), prompts.shape)
-    cache = target.init_cache(bsz, spec.cache_len)
-    hidden, taps, cache = target(prompts, positions, cache, spec.tap_layer_ids)
-    last = hidden[jnp.arange(bsz), prompt_lens - 1]
+    draft = None if draft_def is None else nnx.merge(draft_def, draft_state)
+    last, cache, draft_cache = prefill_prompts(target, draft, prompts, prompt_lens, spec.cache_len, spec.tap_layer_ids)
     keys, sample_keys, _ = _row_keys(keys)
-    probs = probabilities(target.logits(last), spec.sampling)
-    first = (
-        draw(probs, None, spec.sampling)
-        if spec.sampling.greedy
-        else jax.vmap(lambda p, k: draw(p, k, spec.sampling))(probs, sample_keys)
-    )
+    first = draw(probabilities(target.logits(last), sampling), sample_keys, sampling.greedy)
     buf_len = spec.cache_len + spec.width
     tokens = jnp.zeros((bsz, buf_len), jnp.int32).at[:, :bucket].set(prompts)
     tokens = tokens.at[jnp.arange(bsz), prompt_lens].set(first)
     cache = dataclasses.replace(cache, lengths=prompt_lens)
-    draft_cache = pending = num_pending = None
+    pending = num_pending = None
     if draft_def is not None:
-        draft = nnx.merge(draft_def, draft_state)
-        draft_cache = draft.push_context(draft.init_cache(bsz, spec.cache_len), taps, jnp.zeros_like(prompt_lens))
         draft_cache = dataclasses.replace(draft_cache, lengths=prompt_lens)
-        pending = jnp.zeros((bsz, spec.width, taps.shape[-1]), taps.dtype)
+        taps_width = len(spec.tap_layer_ids) * target.config.hidden_size
+        pending = jnp.zeros((bsz, spec.width, taps_width), target.config.dtype)
         num_pending = jnp.zeros((bsz,), jnp.int32)
     zeros = jnp.zeros((bsz, spec.max_rounds), jnp.int32)
     return DecodeState(
@@ -138,6 +135,7 @@ def prefill(
         limits=limits,
         stop_ids=stop_ids,
         thresholds=thresholds,
+        sampling=sampling,
         done=_is_stop(first, stop_ids) | (prompt_lens >= limits),
         keys=keys,
         target_cache=cache,
@@ -148,8 +146,7 @@ def prefill(
         acceptance=zeros,
         proposals=zeros,
         confidences=None if draft_def is None else jnp.zeros((bsz, spec.max_rounds, spec.block_size), jnp.float32),
-        temperatures=temperatures,
-        round_seconds=round_seconds,
+        scheduler=scheduler,
     )
 
 
@@ -158,21 +155,17 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
     keys, draft_keys, accept_keys = _row_keys(state.keys)
     anchor_pos = state.lengths - 1
     anchors = state.tokens[jnp.arange(anchor_pos.shape[0]), anchor_pos]
-    proposal = draft_cache = None
+    proposal = draft_cache = num_proposed = None
+    scheduler = state.scheduler
     block = anchors[:, None]
     if draft is not None:
-        proposal, draft_cache = propose(
-            draft,
-            state.draft_cache,
-            state.pending,
-            state.num_pending,
-            anchors,
-            anchor_pos,
-            spec.sampling,
-            None if spec.sampling.greedy else draft_keys,
-        )
+        args = (draft, state.draft_cache, state.pending, state.num_pending, anchors, anchor_pos, state.sampling)
+        if spec.scheduler:
+            proposal, draft_cache, num_proposed, scheduler = _gated_proposal(state, spec, args, draft_keys)
+        else:
+            proposal, draft_cache = propose(*args, draft_keys)
+            num_proposed = _num_proposed(state, spec, proposal)
         block = jnp.concatenate([block, proposal.tokens], axis=1)
-    num_proposed = None if proposal is None else _num_proposed(state, spec, proposal)
     if len(spec.widths) == 1:
         logits, taps, target_cache = target_pass(target, state.target_cache, block, anchor_pos, spec.tap_layer_ids)
     else:
@@ -190,20 +183,50 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
             return run
 
         logits, taps, target_cache = jax.lax.switch(branch, [narrow(w) for w in spec.widths])
+    state = dataclasses.replace(state, scheduler=scheduler)
     return _accept_and_commit(
         state, spec, proposal, logits, taps, target_cache, draft_cache, keys, accept_keys, num_proposed
     )
 
 
+def _room(state: DecodeState, spec: LoopSpec) -> jax.Array:
+    """i32[batch] drafts a row may verify without its committed tokens (or the extra one) leaving the context."""
+    return jnp.maximum(spec.context_len - 2 - (state.lengths - 1), 0)
+
+
 def _num_proposed(state: DecodeState, spec: LoopSpec, proposal) -> jax.Array:
-    """i32[batch] drafts to verify this round: the verify policy's cut, never past the context window."""
-    # Never verify a draft whose committed position (or the extra token's) would leave the context window.
-    room = jnp.maximum(spec.context_len - 2 - (state.lengths - 1), 0)
-    if spec.scheduler:
-        k = scheduled_num_to_verify(proposal.confidence_logits, state.temperatures, ~state.done, state.round_seconds)
-    else:
-        k = num_to_verify(proposal.confidence_logits, state.thresholds)
-    return jnp.minimum(k, room)
+    """i32[batch] drafts to verify this round: the threshold policy's cut, never past the context window."""
+    return jnp.minimum(num_to_verify(proposal.confidence_logits, state.thresholds), _room(state, spec))
+
+
+def _gated_proposal(state: DecodeState, spec: LoopSpec, propose_args, draft_keys):
+    """verify="scheduler": the draft runs only in rounds the gate allows (spec §11 with a plain-decoding option).
+
+    A drafting round proposes, lets the prefix scheduler choose how many drafts per row to verify (0 is allowed
+    for any row) and records whether that plan beats plain decoding; a skipped round only pushes the pending
+    context rows into the draft cache (so the draft can resume at any round) and verifies nothing, so the target
+    pass runs at width 1. Returns (proposal, draft cache, num_proposed i32[batch], the updated SchedulerState).
+    """
+    sched = state.scheduler
+    live = ~state.done
+    draft, cache, pending, num_pending = propose_args[:4]
+
+    def drafting():
+        proposal, new_cache = propose(*propose_args, draft_keys)
+        k, theta = scheduled_num_to_verify(proposal.confidence_logits, sched.temperatures, live, sched.round_seconds)
+        return proposal.tokens, proposal.probs, proposal.confidence_logits, new_cache, k, theta
+
+    def skipping():
+        new_cache = draft.push_context(cache, pending, cache.lengths)
+        new_cache = dataclasses.replace(new_cache, lengths=cache.lengths + num_pending)
+        bsz, vocab = pending.shape[0], draft.config.model.vocab_size
+        zeros = jnp.zeros((bsz, spec.block_size), jnp.int32)
+        probs = jnp.zeros((bsz, spec.block_size, vocab), jnp.float32)
+        return zeros, probs, zeros.astype(jnp.float32), new_cache, zeros[:, 0], jnp.float32(0)
+
+    tokens, probs, confidence, new_cache, k, theta = jax.lax.cond(sched.drafting, drafting, skipping)
+    proposal = Proposal(tokens, probs, None, None, confidence, None)
+    return proposal, new_cache, jnp.minimum(k, _room(state, spec)), sched.after_round(theta, jnp.sum(live))
 
 
 def _accept_and_commit(
@@ -227,13 +250,12 @@ def _accept_and_commit(
     bsz = state.lengths.shape[0]
     rows = jnp.arange(bsz)
     live = ~state.done
-    greedy = spec.sampling.greedy
     if proposal is None:
-        probs = probabilities(logits[:, 0], spec.sampling)
-        next_token = (
-            draw(probs, None, spec.sampling)
-            if greedy
-            else jax.vmap(lambda p, k: draw(p, k, spec.sampling))(probs, accept_keys)
+        sampling = state.sampling
+        next_token = jax.lax.cond(
+            jnp.all(sampling.greedy | state.done),
+            lambda: first_argmax(logits[:, 0]),
+            lambda: draw(probabilities(logits[:, 0], sampling), accept_keys, sampling.greedy),
         )
         drafts = jnp.zeros((bsz, 0), jnp.int32)
         accepted = num_proposed = jnp.zeros((bsz,), jnp.int32)
@@ -241,9 +263,7 @@ def _accept_and_commit(
         drafts = proposal.tokens
         if num_proposed is None:
             num_proposed = _num_proposed(state, spec, proposal)
-        accepted, next_token = accept(
-            spec.sampling, drafts, proposal.probs, num_proposed, logits, None if greedy else accept_keys
-        )
+        accepted, next_token = accept(state.sampling, drafts, proposal.probs, num_proposed, logits, accept_keys)
     # Stop tokens among the accepted drafts end the row there, without an extra token (spec §6.6).
     has_stop = jnp.zeros((bsz,), bool)
     if spec.block_size:
@@ -279,6 +299,7 @@ def _accept_and_commit(
         limits=state.limits,
         stop_ids=state.stop_ids,
         thresholds=state.thresholds,
+        sampling=state.sampling,
         done=state.done | (live & finished),
         keys=keys,
         target_cache=target_cache,
@@ -288,8 +309,7 @@ def _accept_and_commit(
         rounds=state.rounds + live.astype(jnp.int32),
         acceptance=state.acceptance.at[rows, round_idx].set(keep(committed, state.acceptance[rows, round_idx])),
         proposals=state.proposals.at[rows, round_idx].set(keep(num_proposed, state.proposals[rows, round_idx])),
-        temperatures=state.temperatures,
-        round_seconds=state.round_seconds,
+        scheduler=state.scheduler,
         confidences=None
         if proposal is None
         else state.confidences.at[rows, round_idx].set(
@@ -313,8 +333,24 @@ def decode_loop(target_def, target_state, draft_def, draft_state, state: DecodeS
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
 
-def _bucket(n: int) -> int:
-    return max(MIN_PROMPT_BUCKET, 1 << (n - 1).bit_length())
+def _bucket(n: int, floor: int) -> int:
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+def batch_bucket(n: int) -> int:
+    """The compiled batch size that holds n rows (the rest are padding rows, done from the start)."""
+    if n > BATCH_BUCKETS[-1]:
+        raise UsageError(
+            f"{n} prompts in one call; the largest batch bucket is {BATCH_BUCKETS[-1]} (split the prompts)"
+        )
+    return next(b for b in BATCH_BUCKETS if b >= n)
+
+
+def cache_bucket(needed: int, context_len: int, block_size: int) -> int:
+    """Cache length for `needed` positions: a power of two (so requests of similar size share one compiled loop),
+    never more than the context plus one block needs."""
+    cap = -(-(context_len + block_size + 2) // 64) * 64
+    return min(_bucket(needed, MIN_CACHE_BUCKET), cap)
 
 
 def _check_prompts(prompts, vocab: int, context_len: int) -> list[list[int]]:
@@ -336,9 +372,20 @@ def _check_prompts(prompts, vocab: int, context_len: int) -> list[list[int]]:
     return out
 
 
+def _per_prompt(name: str, value, n: int) -> list:
+    """A generate() setting given once (for every prompt) or as a list with one value per prompt."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        values = list(value)
+        if len(values) != n:
+            raise UsageError(f"{name} has {len(values)} values for {n} prompts; give one value or one per prompt")
+        return values
+    return [value] * n
+
+
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A validated request batch: the loop's static spec and the arrays `prefill` takes (host numpy)."""
+    """A validated request batch: the loop's static spec and the arrays `prefill` takes (host numpy). Rows past
+    `num_prompts` pad the batch to its bucket."""
 
     spec: LoopSpec
     prompts: np.ndarray  # i32[batch, bucket] right-padded
@@ -347,10 +394,23 @@ class Prepared:
     keys: jax.Array  # per-row keys [batch]
     stop_ids: np.ndarray  # i32[stop_slots], -1 padded
     thresholds: np.ndarray  # f32[batch]
+    sampling: SamplingParams  # per-row settings (numpy)
     stops: tuple[int, ...]
     max_new_tokens: int
+    num_prompts: int
     temperatures: np.ndarray | None = None  # f32[block], verify="scheduler" only
     round_seconds: np.ndarray | None = None  # f32[batch * (block + 1) + 1], verify="scheduler" only
+    plain_seconds: float | None = None  # a round without the draft, verify="scheduler" only
+
+    def scheduler_state(self) -> SchedulerState:
+        """The scheduler's initial state: the draft runs in the first round."""
+        return SchedulerState(
+            jnp.asarray(self.temperatures, jnp.float32),
+            jnp.asarray(self.round_seconds, jnp.float32),
+            jnp.float32(self.plain_seconds),
+            jnp.bool_(True),
+            jnp.int32(0),
+        )
 
     def prefill(self, target, draft) -> DecodeState:
         """Run `prefill` for this batch (draft None: plain decoding)."""
@@ -366,8 +426,8 @@ class Prepared:
             self.keys,
             jnp.asarray(self.stop_ids),
             jnp.asarray(self.thresholds),
-            None if self.temperatures is None else jnp.asarray(self.temperatures),
-            None if self.round_seconds is None else jnp.asarray(self.round_seconds),
+            jax.tree.map(jnp.asarray, self.sampling),
+            None if self.round_seconds is None else self.scheduler_state(),
             spec=self.spec,
         )
 
@@ -377,15 +437,17 @@ def prepare(
     draft=None,
     prompts=None,
     max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    temperature=0.0,
+    top_p=1.0,
+    top_k=0,
     seed: int = 0,
     verify: str = "full",
     stop_token_ids=None,
 ) -> Prepared:
-    """Validate `generate`'s arguments (raising UsageError) and build the loop's spec and inputs."""
-    sampling = SamplingConfig(temperature, top_p, top_k)
+    """Validate `generate`'s arguments (raising UsageError) and build the loop's spec and inputs.
+
+    temperature, top_p and top_k take one value for every prompt or a list with one per prompt.
+    """
     policy = VerifyPolicy.parse(verify)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -394,6 +456,14 @@ def prepare(
     config = target.config
     context_len = config.max_position_embeddings
     prompts = _check_prompts(prompts, config.vocab_size, context_len)
+    n = len(prompts)
+    rows = [
+        SamplingConfig(*settings)
+        for settings in zip(
+            _per_prompt("temperature", temperature, n), _per_prompt("top_p", top_p, n), _per_prompt("top_k", top_k, n)
+        )
+    ]
+    batch = batch_bucket(n)
     if draft is not None:
         draft.config.check_target(config)
         if policy.kind != "full" and not draft.config.enable_confidence_head:
@@ -412,38 +482,60 @@ def prepare(
         raise UsageError(f"stop_token_ids must be token ids in [0, {config.vocab_size}), got {bad[0]!r}")
     stops = tuple(int(t) for t in stops)
     block = 0 if draft is None else draft.config.block_size
-    bucket = _bucket(max(len(p) for p in prompts))
-    lens = np.array([len(p) for p in prompts], np.int32)
-    limits = np.minimum(lens + max_new_tokens, context_len - 1).astype(np.int32)
-    # From the bucket, not the actual lengths: prompts in one bucket must share one compiled loop.
-    cache_len = -(-(max(bucket, min(bucket + max_new_tokens, context_len - 1)) + block + 2) // 64) * 64
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > context_len:
+        warnings.warn(
+            f"max_new_tokens {max_new_tokens} is capped at {context_len - longest} for the longest prompt "
+            f"({longest} tokens): the model's context is {context_len} positions",
+            stacklevel=2,
+        )
+    bucket = min(_bucket(longest, MIN_PROMPT_BUCKET), context_len)
+    lens = np.ones((batch,), np.int32)  # padding rows: one token, limit 1, so done from the start
+    lens[:n] = [len(p) for p in prompts]
+    limits = np.ones((batch,), np.int32)
+    limits[:n] = np.minimum(lens[:n] + max_new_tokens, context_len - 1)
+    # From the buckets, not the actual lengths: requests of similar size must share one compiled loop.
+    cache_len = cache_bucket(max(bucket, min(bucket + max_new_tokens, context_len - 1)) + block + 2, context_len, block)
     # A threshold or the scheduler can cut a block anywhere: narrower target passes at powers of two, then the
     # whole block.
     widths = () if policy.kind == "full" else tuple(sorted({1 << i for i in range(block.bit_length())} | {block + 1}))
     spec = LoopSpec(
-        sampling,
         () if draft is None else draft.config.target_layer_ids,
         block,
         context_len,
         cache_len,
-        max_new_tokens + 1,
+        cache_len,  # every round commits a token, so no row runs more rounds than the cache has positions
         widths,
         policy.kind == "scheduler",
     )
     stop_slots = STOP_SLOTS * max(1, -(-len(stops) // STOP_SLOTS))
     stop_ids = np.full((stop_slots,), -1, np.int32)
     stop_ids[: len(stops)] = stops
-    thresholds = np.full((len(prompts),), policy_threshold(policy), np.float32)
-    temperatures = round_seconds = None
+    thresholds = np.full((batch,), policy_threshold(policy), np.float32)
+    sampling = SamplingParams.of(rows + [SamplingConfig()] * (batch - n))  # padding rows: greedy
+    temperatures = round_seconds = plain_seconds = None
     if spec.scheduler:
         temperatures = np.ones((block,), np.float32) if draft.calibration is None else draft.calibration
-        round_seconds = round_seconds_table(target, draft, len(prompts), cache_len, widths, sampling)
-    padded = np.zeros((len(prompts), bucket), np.int32)
+        round_seconds, plain_seconds = round_seconds_table(target, draft, batch, cache_len, widths, sampling)
+    padded = np.zeros((batch, bucket), np.int32)
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = p
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(len(prompts)))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(batch))
     return Prepared(
-        spec, padded, lens, limits, keys, stop_ids, thresholds, stops, max_new_tokens, temperatures, round_seconds
+        spec,
+        padded,
+        lens,
+        limits,
+        keys,
+        stop_ids,
+        thresholds,
+        sampling,
+        stops,
+        max_new_tokens,
+        n,
+        temperatures,
+        round_seconds,
+        plain_seconds,
     )
 
 
@@ -452,9 +544,9 @@ def generate(
     draft=None,
     prompts=None,
     max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    temperature=0.0,
+    top_p=1.0,
+    top_k=0,
     seed: int = 0,
     verify: str = "full",
     stop_token_ids=None,
@@ -463,6 +555,8 @@ def generate(
 
     Output follows the target alone: greedy output equals plain greedy token for token, sampled output follows the
     target's (temperature / top-k / top-p) distribution. Row i draws from its own stream fold_in(key(seed), i).
+    temperature, top_p and top_k take one value or a list with one value per prompt; they are data, so any mix
+    runs in the loop compiled for the batch and cache buckets.
     """
     prep = prepare(target, draft, prompts, max_new_tokens, temperature, top_p, top_k, seed, verify, stop_token_ids)
     spec, lens, stops = prep.spec, prep.prompt_lens, prep.stops
@@ -477,7 +571,8 @@ def generate(
     )
     seconds = time.perf_counter() - start
     out_tokens, out_acc, out_prop, out_conf = [], [], [], []
-    for i, n in enumerate(lens):
+    for i in range(prep.num_prompts):
+        n = lens[i]
         row = tokens[i, n : min(lengths[i], n + max_new_tokens)].tolist()
         for j, t in enumerate(row):
             if t in stops:
@@ -487,7 +582,7 @@ def generate(
         out_acc.append(acc[i, : rounds[i]].tolist())
         out_prop.append(props[i, : rounds[i]].tolist())
         out_conf.append([] if conf is None else conf[i, : rounds[i]].tolist())
-    total_rounds = int(rounds.sum())
+    total_rounds = int(rounds[: prep.num_prompts].sum())
     tau = float(sum(map(sum, out_acc)) / total_rounds) if total_rounds else 0.0
     return GenerateResult(out_tokens, out_acc, out_prop, tau, seconds, out_conf)
 
@@ -495,17 +590,21 @@ def generate(
 _ROUND_SECONDS: dict = {}
 
 
-def round_seconds_table(target, draft, batch: int, cache_len: int, widths: tuple[int, ...], sampling) -> np.ndarray:
-    """The scheduler's cost table (spec §11), measured on this device: f32[batch * widths[-1] + 1], entry N =
-    seconds of a round whose verification pass holds N tokens (the spec's 1 / SPS(N)).
+def round_seconds_table(
+    target, draft, batch: int, cache_len: int, widths: tuple[int, ...], sampling: SamplingParams
+) -> tuple[np.ndarray, float]:
+    """The scheduler's cost table (spec §11), measured on this device: (f32[batch * widths[-1] + 1], entry N =
+    seconds of a round whose verification pass holds N tokens (the spec's 1 / SPS(N)); seconds of a round without
+    the draft, i.e. one target position per row).
 
     A round = the draft's proposal (timed once) + the target pass; the pass is compiled and timed at each compiled
     width w over [batch, w] through a cache of the loop's length. Each time is the fastest of 5 (noise only ever
     adds); entries between the measured N = batch * w are interpolated linearly and the table is made
     non-decreasing, as the true cost is. The cost depends on shapes, not weights: measured once per (model configs,
-    batch, cache length, widths, sampling) in this process.
+    batch, cache length, widths, greedy or sampled batch) in this process.
     """
-    key = (target.config, draft.config, batch, cache_len, widths, sampling, jax.default_backend())
+    greedy = bool(np.all(np.asarray(sampling.greedy)))
+    key = (target.config, draft.config, batch, cache_len, widths, greedy, jax.default_backend())
     if key not in _ROUND_SECONDS:
         target_cache = target.module().init_cache(batch, cache_len)
         draft_cache = draft.module().init_cache(batch, cache_len)
@@ -513,18 +612,27 @@ def round_seconds_table(target, draft, batch: int, cache_len: int, widths: tuple
         pending = jnp.zeros((batch, widths[-1], draft.config.num_taps * target.config.hidden_size), target.config.dtype)
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(batch))
         draft_call = functools.partial(
-            _timed_propose, draft.graphdef, draft.state, draft_cache, pending, anchors, keys, sampling=sampling
+            _timed_propose,
+            draft.graphdef,
+            draft.state,
+            draft_cache,
+            pending,
+            anchors,
+            keys,
+            jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (batch,)), sampling),
         )
         draft_seconds = _fastest(draft_call)
         timings = {}
+        passes = {}
         for w in widths:
             tokens = jnp.zeros((batch, w), jnp.int32)
             taps = tuple(draft.config.target_layer_ids)
             call = functools.partial(_timed_pass, target.graphdef, target.state, target_cache, tokens, anchors)
-            timings[w] = draft_seconds + _fastest(functools.partial(call, tap_layer_ids=taps))
+            passes[w] = _fastest(functools.partial(call, tap_layer_ids=taps))
+            timings[w] = draft_seconds + passes[w]
         measured = [batch * w for w in widths]
         table = np.interp(np.arange(batch * widths[-1] + 1), measured, [timings[w] for w in widths])
-        _ROUND_SECONDS[key] = np.maximum.accumulate(table).astype(np.float32)
+        _ROUND_SECONDS[key] = np.maximum.accumulate(table).astype(np.float32), passes[min(widths)]
     return _ROUND_SECONDS[key]
 
 
@@ -544,10 +652,9 @@ def _timed_pass(target_def, target_state, cache, tokens, anchors, *, tap_layer_i
     return logits, taps, cache.k
 
 
-@functools.partial(jax.jit, static_argnames=("draft_def", "sampling"))
-def _timed_propose(draft_def, draft_state, cache, pending, anchors, keys, *, sampling):
+@functools.partial(jax.jit, static_argnames=("draft_def",))
+def _timed_propose(draft_def, draft_state, cache, pending, anchors, keys, sampling):
     num = jnp.full(anchors.shape, pending.shape[1], jnp.int32)
     cache = dataclasses.replace(cache, lengths=anchors - pending.shape[1])
-    keys = None if sampling.greedy else keys
     proposal, cache = propose(nnx.merge(draft_def, draft_state), cache, pending, num, anchors, anchors, sampling, keys)
     return proposal.tokens, proposal.confidence_logits, cache.k

@@ -13,7 +13,7 @@ from dspark_jax.cache import KVCache
 from dspark_jax.configs import SamplingConfig
 from dspark_jax.errors import UsageError
 from dspark_jax.models.draft import Draft
-from dspark_jax.sampling import draw, probabilities
+from dspark_jax.sampling import SamplingParams, as_params, draw, first_argmax, probabilities
 
 
 @jax.tree_util.register_dataclass
@@ -36,18 +36,22 @@ def sample_slots(
     draft: Draft,
     hidden: jax.Array,
     anchors: jax.Array,
-    sampling: SamplingConfig,
+    sampling: SamplingConfig | SamplingParams,
     keys: jax.Array | None,
     forced_tokens: jax.Array | None = None,
 ) -> Proposal:
     """Draw the block's tokens left to right (spec §6.4) as a lax.scan over slots.
 
-    hidden: [batch, slots, hidden]; anchors: i32[batch] (x_{-1}); keys: per-row PRNG keys [batch] (unused when
-    greedy). `forced_tokens` i32[batch, slots] replays recorded drafts: they feed the sequential head instead of
-    the sampled ones (teacher forcing for parity checks).
+    hidden: [batch, slots, hidden]; anchors: i32[batch] (x_{-1}); sampling: per-row settings; keys: per-row PRNG
+    keys [batch] (None only when every row is greedy). `forced_tokens` i32[batch, slots] replays recorded drafts:
+    they feed the sequential head instead of the sampled ones (teacher forcing for parity checks). When every row
+    is greedy, `probs` is left zero (acceptance then compares argmaxes and never reads it).
     """
+    sampling = as_params(sampling)
     base = draft.base_logits(hidden)  # f32[b, j, v]
     bsz, slots = anchors.shape[0], hidden.shape[1]
+    greedy = jnp.broadcast_to(sampling.greedy, (bsz,))
+    all_greedy = jnp.all(greedy) if keys is not None else True
     slot_keys = (
         jax.vmap(lambda k: jax.random.split(k, slots))(keys)
         if keys is not None
@@ -55,15 +59,22 @@ def sample_slots(
     )
     forced = forced_tokens if forced_tokens is not None else jnp.zeros((bsz, slots), jnp.int32)
 
+    def pick(logits, key_j):
+        """(token i32[batch], probs f32[batch, vocab]) for one slot."""
+        if keys is None:
+            return first_argmax(logits), jnp.zeros_like(logits)
+
+        def sampled():
+            probs = probabilities(logits, sampling)
+            return draw(probs, key_j, greedy), probs
+
+        return jax.lax.cond(all_greedy, lambda: (first_argmax(logits), jnp.zeros_like(logits)), sampled)
+
     def step(carry, xs):
         prev, state = carry
         h_j, u_j, key_j, forced_j = xs
         logits, confidence, state = draft.slot_head(h_j, u_j, prev, state)
-        probs = probabilities(logits, sampling)
-        if sampling.greedy:
-            token = draw(probs, None, sampling)
-        else:
-            token = jax.vmap(lambda p, k: draw(p, k, sampling))(probs, key_j)
+        token, probs = pick(logits, key_j)
         nxt = forced_j if forced_tokens is not None else token
         conf = confidence if confidence is not None else jnp.zeros((bsz,), jnp.float32)
         return (nxt, state), (token, probs, logits, conf)
@@ -93,7 +104,7 @@ def propose(
     num_pending: jax.Array,
     anchors: jax.Array,
     anchor_positions: jax.Array,
-    sampling: SamplingConfig,
+    sampling: SamplingConfig | SamplingParams,
     keys: jax.Array | None,
     forced_tokens: jax.Array | None = None,
 ) -> tuple[Proposal, KVCache]:

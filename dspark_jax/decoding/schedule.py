@@ -2,10 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from dspark_jax.configs import VerifyPolicy
+
+# While the draft is switched off, every PROBE_EVERY-th round drafts again (without verifying more than pays) to
+# see whether the calibrated confidences now promise enough: a probe costs one draft pass, not a wide verify.
+PROBE_EVERY = 8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SchedulerState:
+    """The prefix scheduler's inputs (spec §11) and its draft gate, carried in the decode state.
+
+    temperatures: f32[slots] confidence temperatures (spec §10; ones = uncalibrated); round_seconds:
+    f32[batch * (slots + 1) + 1], entry N = seconds of a round (drafting included) whose verification holds N
+    tokens; plain_seconds: f32[] seconds of a round without the draft (one target position per row);
+    drafting: bool[] whether this round runs the draft; idle_rounds: i32[] rounds since the draft last ran.
+    """
+
+    temperatures: jax.Array
+    round_seconds: jax.Array
+    plain_seconds: jax.Array
+    drafting: jax.Array
+    idle_rounds: jax.Array
+
+    def after_round(self, theta: jax.Array, rows: jax.Array) -> "SchedulerState":
+        """The gate for the next round. After a drafting round: keep drafting iff the chosen plan's expected
+        throughput `theta` beats plain decoding of the `rows` live rows (rows / plain_seconds). After a skipped
+        round: draft again once PROBE_EVERY rounds have passed without it."""
+        beats_plain = theta > rows / self.plain_seconds
+        idle = jnp.where(self.drafting, 0, self.idle_rounds + 1)
+        drafting = jnp.where(self.drafting, beats_plain, idle >= PROBE_EVERY)
+        return dataclasses.replace(self, drafting=drafting, idle_rounds=idle)
 
 
 def policy_threshold(policy: VerifyPolicy) -> float:
@@ -36,8 +69,9 @@ def prefix_confidences(confidence_logits: jax.Array, temperatures: jax.Array) ->
 
 def scheduled_num_to_verify(
     confidence_logits: jax.Array, temperatures: jax.Array, live: jax.Array, round_seconds: jax.Array
-) -> jax.Array:
-    """i32[batch] drafts to verify per row: the greedy causal prefix scheduler of spec §11.
+) -> tuple[jax.Array, jax.Array]:
+    """(i32[batch] drafts to verify per row, f32[] the plan's expected throughput Θ): the greedy causal prefix
+    scheduler of spec §11.
 
     confidence_logits: f32[batch, slots]; temperatures: f32[slots] (spec §10; ones = uncalibrated); live:
     bool[batch] (finished rows verify nothing); round_seconds: f32[batch * (slots + 1) + 1], entry N = seconds of a
@@ -60,4 +94,6 @@ def scheduled_num_to_verify(
     before = jnp.concatenate([(rows / round_seconds[rows])[None], theta[:-1]])
     improves = theta > before
     taken = jnp.cumprod(improves.astype(jnp.int32)).astype(bool)  # the leading run of improvements
-    return jnp.zeros((bsz,), jnp.int32).at[row].add(taken.astype(jnp.int32))
+    num_taken = jnp.sum(taken)
+    plan_theta = jnp.where(num_taken > 0, theta[jnp.maximum(num_taken - 1, 0)], before[0])
+    return jnp.zeros((bsz,), jnp.int32).at[row].add(taken.astype(jnp.int32)), plan_theta

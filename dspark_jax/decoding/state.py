@@ -7,6 +7,8 @@ import dataclasses
 import jax
 
 from dspark_jax.cache import KVCache
+from dspark_jax.decoding.schedule import SchedulerState
+from dspark_jax.sampling import SamplingParams
 
 
 @jax.tree_util.register_dataclass
@@ -19,15 +21,15 @@ class DecodeState:
     limits: i32[batch] the anchor position at which a row stops (prompt length + max_new_tokens, capped by the cache);
     stop_ids: i32[stop_slots] stop tokens padded with -1 (data, not part of the compiled loop's key);
     thresholds: f32[batch] per-row confidence threshold of the verify policy (0 = verify the full block);
-    done: bool[batch]; keys: per-row PRNG keys [batch];
+    sampling: per-row temperature / top_p / top_k (data, so mixed requests share one compiled loop);
+    done: bool[batch] (padding rows of a batch bucket start done); keys: per-row PRNG keys [batch];
     target_cache: holds positions [0, anchor) of each row;
     draft_cache / pending / num_pending: the draft's context K/V for positions [0, Q) and the raw target features
       [batch, width, taps * hidden] of positions [Q, anchor) waiting to be pushed (None for plain decoding);
     rounds: i32[batch]; acceptance / proposals: i32[batch, max_rounds] per-round committed tokens and drafts
       verified (spec §6.7 statistics); confidences: f32[batch, max_rounds, block] each round's pre-sigmoid
       confidence logits (calibration data, spec §10; None for plain decoding);
-    temperatures: f32[block] confidence temperatures and round_seconds: f32[batch * (block + 1) + 1] seconds of a
-      round whose verification holds N tokens (entry N), the prefix scheduler's inputs (spec §11; None unless
+    scheduler: the prefix scheduler's cost table, temperatures and draft gate (spec §11; None unless
       verify="scheduler").
     """
 
@@ -36,6 +38,7 @@ class DecodeState:
     limits: jax.Array
     stop_ids: jax.Array
     thresholds: jax.Array
+    sampling: SamplingParams
     done: jax.Array
     keys: jax.Array
     target_cache: KVCache
@@ -46,5 +49,4 @@ class DecodeState:
     acceptance: jax.Array
     proposals: jax.Array
     confidences: jax.Array | None = None
-    temperatures: jax.Array | None = None
-    round_seconds: jax.Array | None = None
+    scheduler: SchedulerState | None = None

@@ -9,7 +9,7 @@ from dspark_jax import ops
 from dspark_jax.cache import KVCache
 from dspark_jax.configs import SamplingConfig
 from dspark_jax.models.qwen3 import Qwen3
-from dspark_jax.sampling import probabilities
+from dspark_jax.sampling import SamplingParams, as_params, first_argmax, probabilities
 
 
 def target_pass(
@@ -28,7 +28,7 @@ def target_pass(
 
 
 def accept(
-    sampling: SamplingConfig,
+    sampling: SamplingConfig | SamplingParams,
     draft_tokens: jax.Array,
     draft_probs: jax.Array,
     num_proposed: jax.Array,
@@ -37,18 +37,38 @@ def accept(
 ):
     """Speculative rejection sampling over a chain (spec §6.6).
 
-    draft_tokens i32[batch, slots]; draft_probs f32[batch, slots, vocab]; num_proposed i32[batch];
-    target_logits f32[batch, slots + 1, vocab]; keys: per-row keys [batch] (None when greedy: the rule then
-    needs no randomness, because every ratio is 0 or 1).
+    sampling: per-row settings; draft_tokens i32[batch, slots]; draft_probs f32[batch, slots, vocab];
+    num_proposed i32[batch]; target_logits f32[batch, slots + 1, vocab]; keys: per-row keys [batch] (None when
+    every row is greedy).
     Returns (accepted i32[batch], next_token i32[batch]).
+
+    When every row is greedy the rule needs no randomness and no distributions (every ratio is 0 or 1): drafts are
+    accepted while they equal the target's argmax, and the next token is the argmax after the last accepted one.
+    That path builds no [batch, slots + 1, vocab] one-hots; a batch with any sampled row takes the general path,
+    where greedy rows get one-hot distributions and the same outcome.
     """
-    target_probs = probabilities(target_logits, sampling)
-    bsz, slots = draft_tokens.shape
+    sampling = as_params(sampling)
     if keys is None:
-        uniforms = jnp.zeros((bsz, slots), jnp.float32)
-        residual_u = jnp.zeros((bsz,), jnp.float32)
-    else:
+        return greedy_accept(draft_tokens, num_proposed, target_logits)
+
+    def general():
+        target_probs = probabilities(target_logits, sampling)
+        bsz, slots = draft_tokens.shape
         pairs = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
         uniforms = jax.vmap(lambda k: jax.random.uniform(k, (slots,)))(pairs[:, 0])
         residual_u = jax.vmap(lambda k: jax.random.uniform(k, ()))(pairs[:, 1])
-    return ops.accept_chain(draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_u)
+        return ops.accept_chain(draft_tokens, num_proposed, target_probs, draft_probs, uniforms, residual_u)
+
+    all_greedy = jnp.all(jnp.broadcast_to(sampling.greedy, draft_tokens.shape[:1]))
+    return jax.lax.cond(all_greedy, lambda: greedy_accept(draft_tokens, num_proposed, target_logits), general)
+
+
+def greedy_accept(draft_tokens: jax.Array, num_proposed: jax.Array, target_logits: jax.Array):
+    """Acceptance when every row is greedy: (accepted i32[batch], next_token i32[batch]); the same outcome as
+    the rejection rule on one-hot distributions."""
+    best = first_argmax(target_logits)  # i32[b, slots + 1]
+    slots = draft_tokens.shape[1]
+    proposed = jnp.arange(slots, dtype=jnp.int32)[None, :] < num_proposed[:, None]
+    matches = (draft_tokens == best[:, :slots]) & proposed
+    accepted = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    return accepted, jnp.take_along_axis(best, accepted[:, None], axis=1)[:, 0]

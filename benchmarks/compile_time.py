@@ -1,0 +1,100 @@
+"""Lower + compile time of the decode loop at a full model shape, with abstract parameters (nothing allocated).
+
+    python benchmarks/compile_time.py --shape qwen3-4b --batch 1 --policies plain full threshold --out compile.json
+
+Prints and writes one JSON object: seconds to lower and to compile prefill and the round loop per verify policy
+(plain decoding, `full` = one target width, `threshold` = the narrow widths 1, 2, 4, 8 under lax.switch), and the
+size of the optimised HLO. Runs on whatever backend JAX picks (CPU here; the compile on a GPU differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+from flax import nnx
+
+from dspark_jax.bench import RANDOM_SHAPES
+from dspark_jax.configs import DraftConfig, Qwen3Config
+from dspark_jax.decoding import loop
+from dspark_jax.loading import DraftHandle, Target
+from dspark_jax.models import Draft, Qwen3
+
+
+def abstract_pair(shape: str, dtype: str):
+    s = RANDOM_SHAPES[shape]
+    tcfg = Qwen3Config(**s["target"]).with_dtype(dtype)
+    dcfg = DraftConfig(
+        model=dataclasses.replace(tcfg, num_hidden_layers=s["draft_layers"], tie_word_embeddings=False),
+        block_size=s["block_size"],
+        num_target_layers=tcfg.num_hidden_layers,
+        target_layer_ids=s["target_layer_ids"],
+        mask_token_id=s["mask_token_id"],
+        markov_rank=s["markov_rank"],
+        enable_confidence_head=True,
+        confidence_head_with_markov=True,
+    )
+    tdef, tstate = nnx.split(nnx.eval_shape(lambda: Qwen3(tcfg, rngs=nnx.Rngs(0))))
+    ddef, dstate = nnx.split(nnx.eval_shape(lambda: Draft(dcfg, rngs=nnx.Rngs(0))))
+    return Target(tcfg, tdef, tstate, shape), DraftHandle(dcfg, ddef, dstate, shape)
+
+
+def measure(target, draft, batch: int, prompt_len: int, max_new: int, verify: str) -> dict:
+    prompts = [[1] * prompt_len] * batch
+    prep = loop.prepare(target, draft, prompts, max_new_tokens=max_new, verify=verify)
+    ddef, dstate = (None, None) if draft is None else (draft.graphdef, draft.state)
+    args = (
+        target.graphdef,
+        target.state,
+        ddef,
+        dstate,
+        *map(jax.numpy.asarray, (prep.prompts, prep.prompt_lens, prep.limits)),
+        prep.keys,
+        *map(jax.numpy.asarray, (prep.stop_ids, prep.thresholds)),
+        jax.tree.map(jax.numpy.asarray, prep.sampling),
+    )
+    out = {"verify": verify if draft is not None else "plain", "cache_len": prep.spec.cache_len}
+    start = time.perf_counter()
+    lowered = loop.prefill.lower(*args, spec=prep.spec)
+    out["prefill_lower_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lowered.compile()
+    out["prefill_compile_s"] = time.perf_counter() - start
+    state = jax.eval_shape(lambda *a: loop.prefill(*a, spec=prep.spec), *args)
+    start = time.perf_counter()
+    lowered = loop.decode_loop.lower(target.graphdef, target.state, ddef, dstate, state, spec=prep.spec)
+    out["loop_lower_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    out["loop_compile_s"] = time.perf_counter() - start
+    out["loop_hlo_chars"] = len(compiled.as_text())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen3-4b", choices=sorted(RANDOM_SHAPES))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--policies", nargs="+", default=["plain", "full", "threshold"])
+    p.add_argument("--out")
+    a = p.parse_args()
+    target, draft = abstract_pair(a.shape, a.dtype)
+    report = {"shape": a.shape, "dtype": a.dtype, "batch": a.batch, "backend": jax.default_backend(), "runs": []}
+    for policy in a.policies:
+        d = None if policy == "plain" else draft
+        verify = {"plain": "full", "full": "full", "threshold": "threshold:0.5", "scheduler": "threshold:0.5"}[policy]
+        report["runs"].append(measure(target, d, a.batch, a.prompt_len, a.max_new_tokens, verify))
+        print(json.dumps(report["runs"][-1]), flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Tokens/s of plain decoding and of each verify policy, side by side, per batch size; and per-prompt speedups.
+
+    python benchmarks/policy_table.py --data corpus/heldout.jsonl --batch 1 4 8 16 64 --out policy_table.json
+    python benchmarks/policy_table.py --data corpus/heldout.jsonl --per-prompt 30 --policies full --out heldout.json
+
+Defaults: the embedded pair, greedy, 64-token prompt windows (`evaluate.load_prompts`), 128 new tokens. Each
+configuration compiles with one run; then every mode runs `--repeats` times in turn (so all see the same machine)
+and the median time counts. Writes one JSON (rewritten after every batch size) and prints one line per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+
+import dspark_jax as dj
+from dspark_jax.bench import DEFAULT_DRAFT, DEFAULT_TARGET
+from dspark_jax.checkpoints import atomic_file
+from dspark_jax.evaluate import load_prompts
+
+
+def timed_modes(target, draft, prompts, policies, args) -> dict:
+    """{mode: (median seconds, result)} for "plain" and each verify policy on the same prompts."""
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    modes = [("plain", None, "full")] + [(p, draft, p) for p in policies]
+    for _, d, verify in modes:
+        dj.generate(target, d, prompts, verify=verify, **kw)  # compile (and measure the scheduler's table)
+    runs = {name: [] for name, _, _ in modes}
+    for _ in range(args.repeats):
+        for name, d, verify in modes:
+            runs[name].append(dj.generate(target, d, prompts, verify=verify, **kw))
+    return {name: (statistics.median(r.seconds for r in rs), rs[0]) for name, rs in runs.items()}
+
+
+def row(times: dict, sampled: bool) -> dict:
+    plain_s, plain = times["plain"]
+    out = {"plain_tokens_per_s": plain.new_tokens / plain_s}
+    for name, (seconds, result) in times.items():
+        if name != "plain":
+            assert sampled or result.tokens == plain.tokens, f"{name} is not lossless"
+            out[name] = {
+                "tokens_per_s": result.new_tokens / seconds,
+                "speedup": (result.new_tokens / seconds) / out["plain_tokens_per_s"],
+                "tau": result.tau,
+                "mean_verified": statistics.fmean(k for q in result.proposal_lengths for k in q),
+            }
+    return out
+
+
+def machine() -> dict:
+    flags = ""
+    try:
+        flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        pass
+    avx = sorted({w for w in flags.split() if w.startswith("avx")})
+    return {"cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(), "avx_flags": avx}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--per-prompt", type=int, default=0, help="batch 1, this many prompts, one speedup each")
+    p.add_argument("--policies", nargs="+", default=["full", "threshold:0.5", "scheduler"])
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out")
+    args = p.parse_args()
+    target = dj.load_target(args.target, dtype="float32")
+    draft = dj.load_draft(args.draft, target=target)
+    report = {"machine": machine(), "args": vars(args), "rows": []}
+
+    def save():
+        if args.out:
+            with atomic_file(args.out) as f:
+                json.dump(report, f, indent=1)
+
+    if args.per_prompt:
+        for i, prompt in enumerate(load_prompts(args.data, args.per_prompt, args.prompt_len, args.seed)):
+            r = {"prompt": i, **row(timed_modes(target, draft, [prompt], args.policies, args), args.temperature > 0)}
+            report["rows"].append(r)
+            print(json.dumps(r), flush=True)
+            save()
+        for name in args.policies:
+            speedups = [r[name]["speedup"] for r in report["rows"]]
+            report[f"{name}_mean_speedup"] = statistics.fmean(speedups)
+            report[f"{name}_median_speedup"] = statistics.median(speedups)
+            print(name, "mean", round(statistics.fmean(speedups), 3), "median", round(statistics.median(speedups), 3))
+    for batch in [] if args.per_prompt else args.batch:
+        prompts = load_prompts(args.data, batch, args.prompt_len, args.seed)
+        r = {"batch": batch, **row(timed_modes(target, draft, prompts, args.policies, args), args.temperature > 0)}
+        report["rows"].append(r)
+        print(json.dumps(r), flush=True)
+        save()
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The engine around the round: sampling settings are per-row data, batch and cache lengths come from buckets (one
+compilation per bucket), the prompt bucket is capped at the context, bad request shapes are one-line errors, and
+the scheduler's gate turns the draft off when plain decoding is faster."""
+
+import warnings
+
+import numpy as np
+import pytest
+from conftest import tiny_qwen3_hf
+from draft_factory import random_draft
+
+import dspark_jax as dj
+from dspark_jax.decoding import loop
+from dspark_jax.decoding.schedule import PROBE_EVERY
+from dspark_jax.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder, _ = tiny_qwen3_hf(tmp_path_factory.mktemp("bucket_target"), vocab=96, hidden=32, layers=2, seed=5)
+    return dj.load_target(str(folder), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def draft(tiny):
+    return random_draft(tiny, block_size=3, num_layers=1, markov_rank=8, seed=1)
+
+
+def _prompts(rng, n, lo=2, hi=14):
+    return [rng.integers(0, 95, int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def test_sweep_compiles_once_per_bucket(tiny, draft, monkeypatch):
+    """20 requests mixing temperatures (greedy, sampled, mixed per row), top-p, top-k, lengths and batch sizes:
+    one trace of the round per (batch bucket, cache bucket), and greedy rows stay equal to plain greedy."""
+    traces = []
+    real_round = loop._round
+
+    def counting_round(*args, **kwargs):
+        traces.append(args[3].cache_len)
+        return real_round(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_round", counting_round)
+    rng = np.random.default_rng(0)
+    settings = [
+        dict(temperature=0.0),
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_p=0.9),
+        dict(temperature=1.2, top_k=5),
+        dict(temperature=0.9, top_p=0.8, top_k=40),
+    ]
+    buckets = set()
+    for i in range(20):
+        n = (1, 2, 3, 4)[i % 4]
+        prompts = _prompts(rng, n)
+        kw = dict(settings[i % len(settings)])
+        if i % 7 == 3:  # one value per row: greedy next to sampled rows
+            kw = dict(temperature=[0.0, 1.0, 0.5, 0.0][:n], top_p=[1.0, 0.9, 1.0, 1.0][:n])
+        max_new = (6, 9, 12, 17, 20)[i % 5]
+        result = dj.generate(tiny, draft, prompts, max_new_tokens=max_new, seed=i, **kw)
+        assert [len(t) for t in result.tokens] == [max_new] * n
+        buckets.add((loop.batch_bucket(n), loop.prepare(tiny, draft, prompts, max_new_tokens=max_new).spec.cache_len))
+    assert len(buckets) == 3  # batch buckets 1, 2, 4; one cache bucket
+    assert len(traces) == len(buckets), traces
+
+
+def test_greedy_rows_unaffected_by_sampled_neighbours(tiny, draft):
+    rng = np.random.default_rng(1)
+    prompts = _prompts(rng, 3)
+    plain = dj.generate(tiny, None, prompts, max_new_tokens=12)
+    mixed = dj.generate(tiny, draft, prompts, max_new_tokens=12, temperature=[0.0, 1.0, 0.0], top_k=[0, 7, 0], seed=3)
+    assert mixed.tokens[0] == plain.tokens[0] and mixed.tokens[2] == plain.tokens[2]
+    # A sampled row draws from its own stream: alone at the same index it gives the same tokens.
+    again = dj.generate(tiny, draft, prompts, max_new_tokens=12, temperature=[1.0, 1.0, 1.0], top_k=[3, 7, 3], seed=3)
+    assert again.tokens[1] == mixed.tokens[1]
+
+
+def test_padding_rows_do_not_leak(tiny, draft):
+    rng = np.random.default_rng(2)
+    prompts = _prompts(rng, 3)  # batch bucket 4: one padding row
+    out = dj.generate(tiny, draft, prompts, max_new_tokens=8)
+    assert len(out.tokens) == 3 and len(out.acceptance_lengths) == 3
+    singles = [dj.generate(tiny, draft, [p], max_new_tokens=8).tokens[0] for p in prompts]
+    assert out.tokens == singles
+
+
+def test_prompt_bucket_capped_at_context(tmp_path):
+    folder, _ = tiny_qwen3_hf(tmp_path, vocab=64, hidden=32, layers=1, seed=7)
+    target = dj.load_target(str(folder), dtype="float32")
+    context = target.config.max_position_embeddings  # 512
+    prompt = [1] * (context // 2 + 10)  # its power-of-two bucket (512) would be the whole context
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prep = loop.prepare(target, None, [prompt], max_new_tokens=1000)
+    assert prep.prompts.shape[1] <= context
+    assert prep.limits[0] == context - 1
+    assert len(caught) == 1 and "capped at" in str(caught[0].message)
+    out = dj.generate(target, None, [prompt], max_new_tokens=1000)
+    assert len(out.tokens[0]) == context - len(prompt)  # the last token sits at position context - 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=[0.0, 1.0]), "temperature has 2 values for 3 prompts"),
+        (dict(temperature=[0.0, -1.0, 0.5]), "temperature must be"),
+        (dict(top_p=[1.0, 1.5, 0.9], temperature=1.0), "top_p must be in"),
+        (dict(top_k=[0, -2, 1]), "top_k must be"),
+    ],
+)
+def test_bad_per_row_settings(tiny, kwargs, match):
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    with pytest.raises(UsageError, match=match):
+        dj.generate(tiny, None, prompts, max_new_tokens=4, **kwargs)
+
+
+def test_batch_beyond_largest_bucket(tiny):
+    with pytest.raises(UsageError, match="largest batch bucket is 4096"):
+        loop.batch_bucket(4097)
+
+
+@pytest.mark.parametrize("plain_seconds", [0.1, 100.0])
+def test_scheduler_gate(tiny, monkeypatch, plain_seconds):
+    """A cost table where plain decoding is far faster than any drafting round: after the first round the draft
+    runs only as a probe every PROBE_EVERY rounds (and the output stays plain greedy); where plain decoding is far
+    slower, every round drafts."""
+    draft = random_draft(tiny, block_size=3, num_layers=1, markov_rank=8, confidence=True, seed=2)
+
+    def table(target, draft, batch, cache_len, widths, sampling):
+        return (1.0 + 0.5 * np.arange(batch * widths[-1] + 1) / batch).astype(np.float32), plain_seconds
+
+    monkeypatch.setattr(loop, "round_seconds_table", table)
+    prompts = _prompts(np.random.default_rng(4), 2)
+    plain = dj.generate(tiny, None, prompts, max_new_tokens=30)
+    out = dj.generate(tiny, draft, prompts, max_new_tokens=30, verify="scheduler")
+    assert out.tokens == plain.tokens
+    for confidences in out.confidence_logits:
+        drafted = [i for i, z in enumerate(confidences) if any(z)]  # skipped rounds record zero confidences
+        if plain_seconds < 1:
+            assert drafted == list(range(0, len(confidences), PROBE_EVERY + 1)), drafted
+        else:
+            assert drafted == list(range(len(confidences)))
