@@ -10,33 +10,20 @@ size of the optimised HLO. Runs on whatever backend JAX picks (CPU here; the com
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
 import jax
 from flax import nnx
 
-from dspark_jax.bench import RANDOM_SHAPES
-from dspark_jax.configs import DraftConfig, Qwen3Config
+from dspark_jax.bench import RANDOM_SHAPES, random_pair_configs
 from dspark_jax.decoding import loop
 from dspark_jax.loading import DraftHandle, Target
 from dspark_jax.models import Draft, Qwen3
 
 
 def abstract_pair(shape: str, dtype: str):
-    s = RANDOM_SHAPES[shape]
-    tcfg = Qwen3Config(**s["target"]).with_dtype(dtype)
-    dcfg = DraftConfig(
-        model=dataclasses.replace(tcfg, num_hidden_layers=s["draft_layers"], tie_word_embeddings=False),
-        block_size=s["block_size"],
-        num_target_layers=tcfg.num_hidden_layers,
-        target_layer_ids=s["target_layer_ids"],
-        mask_token_id=s["mask_token_id"],
-        markov_rank=s["markov_rank"],
-        enable_confidence_head=True,
-        confidence_head_with_markov=True,
-    )
+    tcfg, dcfg = random_pair_configs(shape, dtype)
     tdef, tstate = nnx.split(nnx.eval_shape(lambda: Qwen3(tcfg, rngs=nnx.Rngs(0))))
     ddef, dstate = nnx.split(nnx.eval_shape(lambda: Draft(dcfg, rngs=nnx.Rngs(0))))
     return Target(tcfg, tdef, tstate, shape), DraftHandle(dcfg, ddef, dstate, shape)

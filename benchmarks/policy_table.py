@@ -82,7 +82,7 @@ def main() -> None:
 
     def save():
         if args.out:
-            with atomic_file(args.out) as f:
+            with atomic_file(args.out) as tmp, open(tmp, "w") as f:
                 json.dump(report, f, indent=1)
 
     if args.per_prompt:

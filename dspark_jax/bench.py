@@ -173,17 +173,13 @@ def _random_state(model_cls, config, seed: int):
     return graphdef, jax.tree_util.tree_unflatten(treedef, values)
 
 
-def random_pair(shape: str, dtype: str, seed: int):
-    """A random target and a DSpark draft bound to it (frozen embedding / LM-head copies, spec §5.3)."""
-    from flax import nnx
-
+def random_pair_configs(shape: str, dtype: str):
+    """(Qwen3Config, DraftConfig) of a RANDOM_SHAPES entry."""
     from dspark_jax.configs import DraftConfig, Qwen3Config
-    from dspark_jax.loading import DraftHandle, Target
-    from dspark_jax.models import Draft, Qwen3
 
     s = RANDOM_SHAPES[shape]
     tcfg = Qwen3Config(**s["target"]).with_dtype(dtype)
-    dcfg = DraftConfig(
+    return tcfg, DraftConfig(
         model=dataclasses.replace(tcfg, num_hidden_layers=s["draft_layers"], tie_word_embeddings=False),
         block_size=s["block_size"],
         num_target_layers=tcfg.num_hidden_layers,
@@ -193,6 +189,16 @@ def random_pair(shape: str, dtype: str, seed: int):
         enable_confidence_head=True,
         confidence_head_with_markov=True,
     )
+
+
+def random_pair(shape: str, dtype: str, seed: int):
+    """A random target and a DSpark draft bound to it (frozen embedding / LM-head copies, spec §5.3)."""
+    from flax import nnx
+
+    from dspark_jax.loading import DraftHandle, Target
+    from dspark_jax.models import Draft, Qwen3
+
+    tcfg, dcfg = random_pair_configs(shape, dtype)
     tdef, tstate = _random_state(Qwen3, tcfg, seed)
     ddef, dstate = _random_state(Draft, dcfg, seed + 1)
     draft = nnx.merge(ddef, dstate)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from dspark_jax.configs import SamplingConfig, VerifyPolicy
 from dspark_jax.decoding.prefill import prefill_prompts
-from dspark_jax.decoding.propose import Proposal, propose
+from dspark_jax.decoding.propose import propose
 from dspark_jax.decoding.schedule import SchedulerState, num_to_verify, policy_threshold, scheduled_num_to_verify
 from dspark_jax.decoding.state import DecodeState
 from dspark_jax.decoding.verify import accept, target_pass
@@ -161,7 +161,7 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
     if draft is not None:
         args = (draft, state.draft_cache, state.pending, state.num_pending, anchors, anchor_pos, state.sampling)
         if spec.scheduler:
-            proposal, draft_cache, num_proposed, scheduler = _gated_proposal(state, spec, args, draft_keys)
+            proposal, draft_cache, num_proposed, scheduler = _scheduled_proposal(state, spec, args, draft_keys)
         else:
             proposal, draft_cache = propose(*args, draft_keys)
             num_proposed = _num_proposed(state, spec, proposal)
@@ -199,34 +199,66 @@ def _num_proposed(state: DecodeState, spec: LoopSpec, proposal) -> jax.Array:
     return jnp.minimum(num_to_verify(proposal.confidence_logits, state.thresholds), _room(state, spec))
 
 
-def _gated_proposal(state: DecodeState, spec: LoopSpec, propose_args, draft_keys):
-    """verify="scheduler": the draft runs only in rounds the gate allows (spec §11 with a plain-decoding option).
+def _scheduled_proposal(state: DecodeState, spec: LoopSpec, propose_args, draft_keys):
+    """verify="scheduler": propose, let the prefix scheduler choose how many drafts per row to verify (0 is allowed
+    for any row), and record in the gate whether that plan beats plain decoding (spec §11 with a plain option).
 
-    A drafting round proposes, lets the prefix scheduler choose how many drafts per row to verify (0 is allowed
-    for any row) and records whether that plan beats plain decoding; a skipped round only pushes the pending
-    context rows into the draft cache (so the draft can resume at any round) and verifies nothing, so the target
-    pass runs at width 1. Returns (proposal, draft cache, num_proposed i32[batch], the updated SchedulerState).
+    Returns (proposal, draft cache, num_proposed i32[batch], the updated SchedulerState).
     """
     sched = state.scheduler
     live = ~state.done
-    draft, cache, pending, num_pending = propose_args[:4]
+    proposal, cache = propose(*propose_args, draft_keys)
+    k, theta = scheduled_num_to_verify(proposal.confidence_logits, sched.temperatures, live, sched.round_seconds)
+    return proposal, cache, jnp.minimum(k, _room(state, spec)), sched.after_round(theta, jnp.sum(live))
 
-    def drafting():
-        proposal, new_cache = propose(*propose_args, draft_keys)
-        k, theta = scheduled_num_to_verify(proposal.confidence_logits, sched.temperatures, live, sched.round_seconds)
-        return proposal.tokens, proposal.probs, proposal.confidence_logits, new_cache, k, theta
 
-    def skipping():
-        new_cache = draft.push_context(cache, pending, cache.lengths)
-        new_cache = dataclasses.replace(new_cache, lengths=cache.lengths + num_pending)
-        bsz, vocab = pending.shape[0], draft.config.model.vocab_size
-        zeros = jnp.zeros((bsz, spec.block_size), jnp.int32)
-        probs = jnp.zeros((bsz, spec.block_size, vocab), jnp.float32)
-        return zeros, probs, zeros.astype(jnp.float32), new_cache, zeros[:, 0], jnp.float32(0)
+def _flush_pending(draft, state: DecodeState) -> DecodeState:
+    """Push the pending context rows into the draft cache (before rounds that push their own row directly)."""
+    cache = state.draft_cache
+    cache = draft.push_context(cache, state.pending, cache.lengths)
+    cache = dataclasses.replace(cache, lengths=cache.lengths + state.num_pending)
+    return dataclasses.replace(state, draft_cache=cache, num_pending=jnp.zeros_like(state.num_pending))
 
-    tokens, probs, confidence, new_cache, k, theta = jax.lax.cond(sched.drafting, drafting, skipping)
-    proposal = Proposal(tokens, probs, None, None, confidence, None)
-    return proposal, new_cache, jnp.minimum(k, _room(state, spec)), sched.after_round(theta, jnp.sum(live))
+
+def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
+    """A scheduler round while the gate has the draft off: one target position per row, as in plain decoding, with
+    that position's features pushed straight into the draft cache, so a later round can draft again. Expects no
+    pending rows (`_flush_pending`). Records 1 committed token, 0 drafts and zero confidences for the round."""
+    keys, _, accept_keys = _row_keys(state.keys)
+    bsz = state.lengths.shape[0]
+    rows = jnp.arange(bsz)
+    live = ~state.done
+    anchor_pos = state.lengths - 1
+    anchors = state.tokens[rows, anchor_pos]
+    logits, taps, target_cache = target_pass(
+        target, state.target_cache, anchors[:, None], anchor_pos, spec.tap_layer_ids
+    )
+    sampling = state.sampling
+    next_token = jax.lax.cond(
+        jnp.all(sampling.greedy | state.done),
+        lambda: first_argmax(logits[:, 0]),
+        lambda: draw(probabilities(logits[:, 0], sampling), accept_keys, sampling.greedy),
+    )
+    draft_cache = draft.push_context(state.draft_cache, taps, state.draft_cache.lengths)
+    new_lengths = state.lengths + 1
+    finished = _is_stop(next_token, state.stop_ids) | (new_lengths - 1 >= state.limits)
+    slot = jnp.where(live, state.lengths, state.tokens.shape[1])  # done rows write out of bounds: dropped
+    round_idx = jnp.minimum(state.rounds, spec.max_rounds - 1)
+    record = jnp.where(live, round_idx, spec.max_rounds)  # likewise for the statistics
+    return dataclasses.replace(
+        state,
+        tokens=state.tokens.at[rows, slot].set(next_token, mode="drop"),
+        lengths=jnp.where(live, new_lengths, state.lengths),
+        done=state.done | (live & finished),
+        keys=keys,
+        target_cache=dataclasses.replace(target_cache, lengths=jnp.where(live, state.lengths, target_cache.lengths)),
+        draft_cache=dataclasses.replace(draft_cache, lengths=jnp.where(live, state.lengths, draft_cache.lengths)),
+        rounds=state.rounds + live.astype(jnp.int32),
+        acceptance=state.acceptance.at[rows, record].set(1, mode="drop"),
+        proposals=state.proposals.at[rows, record].set(0, mode="drop"),
+        confidences=state.confidences.at[rows, record].set(0.0, mode="drop"),
+        scheduler=state.scheduler.after_round(jnp.float32(0), jnp.sum(live)),
+    )
 
 
 def _accept_and_commit(
@@ -322,7 +354,9 @@ def _accept_and_commit(
 def decode_loop(target_def, target_state, draft_def, draft_state, state: DecodeState, *, spec: LoopSpec) -> DecodeState:
     """All rounds in one lax.while_loop; `state` is donated (its buffers are reused in place).
 
-    Stops when every row is done; nothing syncs with the host inside.
+    Stops when every row is done; nothing syncs with the host inside. With verify="scheduler" the rounds alternate
+    between two inner loops: speculative rounds while the scheduler's gate says drafting pays, plain rounds (no
+    draft work but one context row) while it does not, so a batch where speculation loses runs near plain speed.
     """
 
     def body(s):
@@ -330,7 +364,21 @@ def decode_loop(target_def, target_state, draft_def, draft_state, state: DecodeS
         draft = None if draft_def is None else nnx.merge(draft_def, draft_state)
         return _round(target, draft, s, spec)
 
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+    def running(s):
+        return ~jnp.all(s.done)
+
+    if not spec.scheduler:
+        return jax.lax.while_loop(running, body, state)
+
+    def plain_body(s):
+        return _plain_round(nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state), s, spec)
+
+    def phases(s):
+        s = jax.lax.while_loop(lambda s: running(s) & s.scheduler.drafting, body, s)
+        s = _flush_pending(nnx.merge(draft_def, draft_state), s)
+        return jax.lax.while_loop(lambda s: running(s) & ~s.scheduler.drafting, plain_body, s)
+
+    return jax.lax.while_loop(running, phases, state)
 
 
 def _bucket(n: int, floor: int) -> int:

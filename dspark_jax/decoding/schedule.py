@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 from dspark_jax.configs import VerifyPolicy
 
-# While the draft is switched off, every PROBE_EVERY-th round drafts again (without verifying more than pays) to
-# see whether the calibrated confidences now promise enough: a probe costs one draft pass, not a wide verify.
+# While the draft is switched off, every PROBE_EVERY-th round drafts again (verifying only what pays) to see whether
+# the calibrated confidences now promise enough: a probe costs one draft pass, not a wide verify.
 PROBE_EVERY = 8
 
 
