@@ -63,8 +63,8 @@ def machine() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p.add_argument("--target", help="target folder or hub id (default: the embedded target)")
+    p.add_argument("--draft", help="draft folder or hub id (default: the embedded DSpark draft)")
     p.add_argument("--data", required=True)
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--per-prompt", type=int, default=0, help="batch 1, this many prompts, one speedup each")
@@ -76,8 +76,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out")
     args = p.parse_args()
-    target = dj.load_target(args.target, dtype="float32")
-    draft = dj.load_draft(args.draft, target=target)
+    target = dj.load_target(args.target or DEFAULT_TARGET, dtype="float32")
+    draft = dj.load_draft(args.draft or DEFAULT_DRAFT, target=target)
     report = {"machine": machine(), "args": vars(args), "rows": []}
 
     def save():

@@ -220,6 +220,17 @@ def _flush_pending(draft, state: DecodeState) -> DecodeState:
     return dataclasses.replace(state, draft_cache=cache, num_pending=jnp.zeros_like(state.num_pending))
 
 
+def _plain_next_token(state: DecodeState, logits: jax.Array, keys: jax.Array) -> jax.Array:
+    """i32[batch] the target's next token from f32[batch, vocab] logits under each row's settings; a batch whose
+    live rows are all greedy takes the argmax without building distributions."""
+    sampling = state.sampling
+    return jax.lax.cond(
+        jnp.all(sampling.greedy | state.done),
+        lambda: first_argmax(logits),
+        lambda: draw(probabilities(logits, sampling), keys, sampling.greedy),
+    )
+
+
 def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
     """A scheduler round while the gate has the draft off: one target position per row, as in plain decoding, with
     that position's features pushed straight into the draft cache, so a later round can draft again. Expects no
@@ -233,12 +244,7 @@ def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeSta
     logits, taps, target_cache = target_pass(
         target, state.target_cache, anchors[:, None], anchor_pos, spec.tap_layer_ids
     )
-    sampling = state.sampling
-    next_token = jax.lax.cond(
-        jnp.all(sampling.greedy | state.done),
-        lambda: first_argmax(logits[:, 0]),
-        lambda: draw(probabilities(logits[:, 0], sampling), accept_keys, sampling.greedy),
-    )
+    next_token = _plain_next_token(state, logits[:, 0], accept_keys)
     draft_cache = draft.push_context(state.draft_cache, taps, state.draft_cache.lengths)
     new_lengths = state.lengths + 1
     finished = _is_stop(next_token, state.stop_ids) | (new_lengths - 1 >= state.limits)
@@ -283,12 +289,7 @@ def _accept_and_commit(
     rows = jnp.arange(bsz)
     live = ~state.done
     if proposal is None:
-        sampling = state.sampling
-        next_token = jax.lax.cond(
-            jnp.all(sampling.greedy | state.done),
-            lambda: first_argmax(logits[:, 0]),
-            lambda: draw(probabilities(logits[:, 0], sampling), accept_keys, sampling.greedy),
-        )
+        next_token = _plain_next_token(state, logits[:, 0], accept_keys)
         drafts = jnp.zeros((bsz, 0), jnp.int32)
         accepted = num_proposed = jnp.zeros((bsz,), jnp.int32)
     else:
@@ -670,16 +671,14 @@ def round_seconds_table(
             jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (batch,)), sampling),
         )
         draft_seconds = _fastest(draft_call)
-        timings = {}
         passes = {}
         for w in widths:
             tokens = jnp.zeros((batch, w), jnp.int32)
             taps = tuple(draft.config.target_layer_ids)
             call = functools.partial(_timed_pass, target.graphdef, target.state, target_cache, tokens, anchors)
             passes[w] = _fastest(functools.partial(call, tap_layer_ids=taps))
-            timings[w] = draft_seconds + passes[w]
         measured = [batch * w for w in widths]
-        table = np.interp(np.arange(batch * widths[-1] + 1), measured, [timings[w] for w in widths])
+        table = np.interp(np.arange(batch * widths[-1] + 1), measured, [draft_seconds + passes[w] for w in widths])
         _ROUND_SECONDS[key] = np.maximum.accumulate(table).astype(np.float32), passes[min(widths)]
     return _ROUND_SECONDS[key]
 

@@ -51,7 +51,6 @@ def sample_slots(
     base = draft.base_logits(hidden)  # f32[b, j, v]
     bsz, slots = anchors.shape[0], hidden.shape[1]
     greedy = jnp.broadcast_to(sampling.greedy, (bsz,))
-    all_greedy = jnp.all(greedy) if keys is not None else True
     slot_keys = (
         jax.vmap(lambda k: jax.random.split(k, slots))(keys)
         if keys is not None
@@ -61,14 +60,15 @@ def sample_slots(
 
     def pick(logits, key_j):
         """(token i32[batch], probs f32[batch, vocab]) for one slot."""
-        if keys is None:
+
+        def argmax():
             return first_argmax(logits), jnp.zeros_like(logits)
 
         def sampled():
             probs = probabilities(logits, sampling)
             return draw(probs, key_j, greedy), probs
 
-        return jax.lax.cond(all_greedy, lambda: (first_argmax(logits), jnp.zeros_like(logits)), sampled)
+        return argmax() if keys is None else jax.lax.cond(jnp.all(greedy), argmax, sampled)
 
     def step(carry, xs):
         prev, state = carry

@@ -53,7 +53,7 @@ def accept(
 
     def general():
         target_probs = probabilities(target_logits, sampling)
-        bsz, slots = draft_tokens.shape
+        slots = draft_tokens.shape[1]
         pairs = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
         uniforms = jax.vmap(lambda k: jax.random.uniform(k, (slots,)))(pairs[:, 0])
         residual_u = jax.vmap(lambda k: jax.random.uniform(k, ()))(pairs[:, 1])
