@@ -8,6 +8,8 @@
 #                reference: does the kernel compile inside the loop, and are the tokens the same? (pallas_loop.json)
 #   bench        Qwen3-4B shape, random bf16 weights, batch 1 and 32: plain and speculative tokens/s, compile
 #                time, τ, the per-round split, the plain-decode HBM roofline and projections at the paper's τ
+#   moe_layer    the MoE layer at V4-Flash expert shapes (256 experts, top-6, I 2048, H 4096; bf16) for 1-256 tokens
+#                and a prefill chunk, every dispatch variant side by side (moe_layer.json)
 #   long_prompt  a 32k-token random prompt at the same shape, 8 new tokens, plain and speculative: seconds,
 #                compile time and peak device memory (fails cleanly, recorded, if the prefill does not fit)
 # CPU dry run (tiny shapes everywhere, timeouts x4):
@@ -18,9 +20,9 @@ OUT=${OUT:-device_out}
 SHAPE=${DEVICE_CHECK_SHAPE:-qwen3-4b}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH=. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [[ $SHAPE == tiny ]]; then
-    SCALE=4 BUDGET=${DEVICE_CHECK_BUDGET:-1400} LONG_PROMPT=${LONG_PROMPT:-768} BATCHES="1 4"
+    SCALE=4 BUDGET=${DEVICE_CHECK_BUDGET:-1400} LONG_PROMPT=${LONG_PROMPT:-768} BATCHES="1 4" MOE_DIV=16
 else
-    SCALE=1 BUDGET=${DEVICE_CHECK_BUDGET:-345} LONG_PROMPT=${LONG_PROMPT:-32768} BATCHES="1 32"
+    SCALE=1 BUDGET=${DEVICE_CHECK_BUDGET:-345} LONG_PROMPT=${LONG_PROMPT:-32768} BATCHES="1 32" MOE_DIV=1
 fi
 mkdir -p "$OUT"
 SUMMARY=$OUT/device_check.json
@@ -105,7 +107,7 @@ sys.exit(0 if report["same_tokens"] and report["env_switch_reached_ops"] else 1)
 cat "$OUT/device.txt"
 write_summary
 
-run_stage kernel 120 python -m pytest -q -m gpu tests/test_verify_kernel.py -p no:cacheprovider \
+run_stage kernel 120 python -m pytest -q -o addopts= -m gpu tests/test_verify_kernel.py -p no:cacheprovider \
     --junitxml "$OUT/kernel_tests.xml"
 
 run_stage pallas_loop 75 env DSPARK_VERIFY_IMPL=pallas python -c "$PALLAS_LOOP" "$OUT/pallas_loop.json"
@@ -114,6 +116,9 @@ run_stage pallas_loop 75 env DSPARK_VERIFY_IMPL=pallas python -c "$PALLAS_LOOP" 
 # shellcheck disable=SC2086  # BATCHES is a list of batch sizes
 run_stage bench 170 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --max-new-tokens 128 \
     --repeats 3 --time-budget $((120 * SCALE)) --out "$OUT/bench_$SHAPE.json"
+
+run_stage moe_layer 60 python benchmarks/moe_layer.py --width-divisor "$MOE_DIV" --dtype bfloat16 --repeats 3 \
+    --max-gib 24 --out "$OUT/moe_layer.json"
 
 run_stage long_prompt 150 python -m dspark_jax.bench --random-shape "$SHAPE" --batch 1 --prompt-len "$LONG_PROMPT" \
     --max-new-tokens 8 --repeats 1 --copy-mib 64 --no-split --out "$OUT/long_prompt_$SHAPE.json"

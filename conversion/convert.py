@@ -22,13 +22,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="python -m conversion.convert",
         description="Convert a safetensors checkpoint (folder or hub id) to an orbax one.",
+        epilog="""examples:
+  python -m conversion.convert --src Qwen/Qwen3-4B --dst ckpt/qwen3-4b
+  python -m conversion.convert --src /data/DeepSeek-V4-Flash --dst ckpt/v4-flash --mesh data=1,model=2,expert=4""",
     )
     p.add_argument("--src", required=True, help="HF-style folder or Hugging Face repo id")
     p.add_argument("--dst", required=True, help="output folder (written atomically)")
     p.add_argument(
         "--kind",
         default="auto",
-        choices=("auto", "qwen3", "dspark", "dflash", "dspark_gemma4", "dflash_gemma4", "deepseek_v4"),
+        choices=(
+            "auto",
+            "qwen3",
+            "qwen3_moe",
+            "dspark",
+            "dflash",
+            "dspark_gemma4",
+            "dflash_gemma4",
+            "gemma4",
+            "deepseek_v4",
+        ),  # fmt: skip
     )
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--mesh", default="data=1,model=1,expert=1", help="mesh axis sizes, e.g. data=1,model=4")

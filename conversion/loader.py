@@ -10,14 +10,25 @@ import os
 
 from flax import nnx
 
-from conversion.engine import convert_state
+from conversion.engine import claim_destination, convert_state
 from conversion.keymaps import KEYMAPS
+from conversion.keymaps.deepseek_v4 import DEEPSEEK_V4_DRAFT_SKIP, DEEPSEEK_V4_SKIP, DeepseekV4Source
+from conversion.keymaps.gemma4 import GEMMA4_SKIP
+from conversion.keymaps.qwen3_moe import StackedExperts
 from conversion.reader import open_checkpoint
 from dspark_jax import checkpoints
-from dspark_jax.configs import DTYPES, DraftConfig, Qwen3Config, read_config_json
+from dspark_jax.configs import (
+    DTYPES,
+    DeepseekV4Config,
+    DraftConfig,
+    Gemma4Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+    read_config_json,
+)
 from dspark_jax.errors import DSparkError, UsageError
 from dspark_jax.hub import resolve
-from dspark_jax.models import Draft, Qwen3
+from dspark_jax.models import DeepseekV4, Draft, Gemma4, Qwen3, Qwen3Moe
 from dspark_jax.sharding import ShardingRules, state_shardings
 
 
@@ -27,14 +38,38 @@ def checkpoint_kind(config: dict, source: str) -> str:
     if config.get("architectures") == ["Gemma4DSparkModel"]:  # Gemma4 flavour (spec §4.5, §5.1)
         heads = config.get("markov_rank") or config.get("enable_confidence_head")
         return "dspark_gemma4" if heads else "dflash_gemma4"
+    if Gemma4Config.is_hf_dict(config):  # Gemma4ForCausalLM or the text stack of Gemma4ForConditionalGeneration
+        return "gemma4"
+    if DeepseekV4Config.is_hf_dict(config):  # either config dialect (V4 §1.2); a -DSpark folder loads its target
+        return "deepseek_v4"
     if arch in ("Qwen3DSparkModel",) or "block_size" in config:
         return "dspark" if config.get("markov_rank") or config.get("enable_confidence_head") else "dflash"
+    if config.get("model_type") == "qwen3_moe" or arch == "Qwen3MoeForCausalLM":
+        return "qwen3_moe"
     if config.get("model_type") == "qwen3" or arch == "Qwen3ForCausalLM":
         return "qwen3"
     raise UsageError(
         f"{source}: unsupported architecture {arch or config.get('model_type')!r}; accepted: "
-        "Qwen3ForCausalLM, Qwen3DSparkModel, Gemma4DSparkModel"
+        "Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen3DSparkModel, Gemma4DSparkModel, Gemma4ForCausalLM, "
+        "Gemma4ForConditionalGeneration, DeepseekV4ForCausalLM"
     )
+
+
+def refuse_legacy_mtp(folder: str, source: str) -> None:
+    """A V4 checkpoint whose `mtp.0` has `e_proj` holds the legacy MTP block, not a DSpark draft (V4 §4.2)."""
+    with open_checkpoint(folder) as reader:
+        if "mtp.0.e_proj.weight" in reader or "model.mtp.0.e_proj.weight" in reader:
+            raise UsageError(
+                f"{source!r} holds the legacy MTP block (mtp.0.e_proj), not a DSpark draft; pass a DeepSeek-V4 "
+                "-DSpark checkpoint (mtp.0.main_proj, mtp.0..2 stages)"
+            )
+
+
+def v4_draft_keys(folder: str) -> set[str]:
+    """The `mtp.*` keys of a V4 safetensors folder, `model.` prefix removed (what the draft loader probes: which
+    stages exist, whether the optional confidence head is there, V4 §4.1-4.2)."""
+    with open_checkpoint(folder) as reader:
+        return {k.removeprefix("model.") for k in reader.keys() if k.removeprefix("model.").startswith("mtp.")}
 
 
 def check_dtype(dtype: str) -> str:
@@ -64,6 +99,10 @@ def load_params(
     if checkpoints.is_orbax_checkpoint(folder):
         return graphdef, checkpoints.restore_state(folder, abstract, shardings)
     with open_checkpoint(folder) as reader:
+        if kind == "qwen3_moe":  # the hub stores one tensor per expert: present them stacked (and checked)
+            reader = StackedExperts(reader, config.num_experts, source)
+        if kind in ("deepseek_v4", "deepseek_v4_draft"):  # experts stacked, read per shard; tid2eid ints (V4 §3.4)
+            reader = DeepseekV4Source(reader)
         # Gemma4 buffers of value 1.0 (spec §5.2): ignored by Qwen3 drafts, loaded as LayerScalar by Gemma4 ones.
         skip = (r"layers\.\d+\.layer_scalar",)
         state = convert_state(
@@ -73,7 +112,13 @@ def load_params(
             source=source,
             mesh=mesh,
             bound=bound,
-            skip=skip if kind in ("dspark", "dflash") else (),
+            skip={
+                "dspark": skip,
+                "dflash": skip,
+                "gemma4": GEMMA4_SKIP,
+                "deepseek_v4": DEEPSEEK_V4_SKIP,
+                "deepseek_v4_draft": DEEPSEEK_V4_DRAFT_SKIP,
+            }.get(kind, ()),
         )
     return graphdef, state
 
@@ -82,6 +127,14 @@ def convert_checkpoint(src: str, dst: str, *, kind: str = "auto", dtype: str = "
     """Safetensors (folder or hub id) -> orbax folder at `dst` with config.json; atomic (nothing left on failure)."""
     folder = resolve(src)
     _check_destination(dst, folder)
+    claim = claim_destination(dst)  # removes DST.tmp-* left by a killed run, saying so
+    try:
+        _convert_into(folder, src, dst, kind, dtype, mesh)
+    finally:
+        claim.release()
+
+
+def _convert_into(folder: str, src: str, dst: str, kind: str, dtype: str, mesh) -> None:
     raw = read_config_json(folder)
     detected = checkpoint_kind(raw, os.path.join(folder, "config.json"))
     if kind not in ("auto", detected):
@@ -90,6 +143,15 @@ def convert_checkpoint(src: str, dst: str, *, kind: str = "auto", dtype: str = "
     if detected == "qwen3":
         config = Qwen3Config.from_hf_dict(raw).with_dtype(dtype)
         graphdef, state = load_params(folder, detected, Qwen3, config, mesh, src)
+    elif detected == "qwen3_moe":
+        config = Qwen3MoeConfig.from_hf_dict(raw).with_dtype(dtype)
+        graphdef, state = load_params(folder, detected, Qwen3Moe, config, mesh, src)
+    elif detected == "deepseek_v4":
+        config = DeepseekV4Config.from_hf_dict(raw).with_dtype(dtype)
+        graphdef, state = load_params(folder, detected, DeepseekV4, config, mesh, src)
+    elif detected == "gemma4":
+        config = Gemma4Config.from_hf_dict(raw).with_dtype(dtype)
+        graphdef, state = load_params(folder, detected, Gemma4, config, mesh, src)
     else:
         config = DraftConfig.from_hf_dict(raw).with_dtype(dtype)
         graphdef, state = load_params(folder, detected, Draft, config, mesh, src)

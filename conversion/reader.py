@@ -35,6 +35,8 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(bool),
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    # DeepSeek-V4 block scales (V4 §3.2): unsigned power-of-two exponents; dequantised by conversion.quant.
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
 }
 _ACCEPTED = ", ".join(DTYPES)
 # Real headers are a few hundred KB even for 400-tensor shards; anything past this is garbage, not a header.
@@ -210,22 +212,36 @@ class SafetensorsReader:
         out = np.empty(spec.shape, dtype=spec.dtype)
         if spec.nbytes == 0:
             return out
+        self._read_into(spec, spec.offset, out)
+        return out
+
+    def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of dimension 0 of a tensor (contiguous bytes, one seek): a shard without the rest."""
+        spec = self.spec(key)
+        rows = spec.shape[0] if spec.shape else 0
+        if not 0 <= start <= stop <= rows:
+            raise UsageError(f"{key}: rows [{start}, {stop}) are outside its {rows} rows")
+        out = np.empty((stop - start, *spec.shape[1:]), dtype=spec.dtype)
+        if out.nbytes:
+            self._read_into(spec, spec.offset + start * (spec.nbytes // rows), out)
+        return out
+
+    def _read_into(self, spec: TensorSpec, offset: int, out: np.ndarray) -> None:
         view = memoryview(out.reshape(-1).view(np.uint8))
         with self._lock:
             handle = self._handle(spec.file)
-            handle.seek(spec.offset)
+            handle.seek(offset)
             got = 0
             # Raw (unbuffered) reads may return short counts (Linux caps one read at ~2 GiB), so loop.
-            while got < spec.nbytes:
+            while got < out.nbytes:
                 n = handle.readinto(view[got:])
                 if not n:
                     raise DSparkError(
                         f"{os.path.join(self.folder, spec.file)}: file is truncated: tensor "
-                        f"{key!r} needs bytes up to {spec.offset + spec.nbytes} but the read stopped "
-                        f"at {spec.offset + got}; was the file changed after opening?"
+                        f"{spec.name!r} needs bytes up to {offset + out.nbytes} but the read stopped "
+                        f"at {offset + got}; was the file changed after opening?"
                     )
                 got += n
-        return out
 
     def _handle(self, file: str) -> Any:
         if file not in self._handles:

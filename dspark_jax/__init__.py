@@ -21,6 +21,7 @@ _LAZY = {
     "DraftHandle": "dspark_jax.loading",
     "generate": "dspark_jax.decoding.loop",
     "GenerateResult": "dspark_jax.decoding.loop",
+    "TreeConfig": "dspark_jax.decoding.tree",
 }
 
 

@@ -24,8 +24,9 @@ import platform
 import sys
 import time
 
-from dspark_jax.cli_util import OneLineArgumentParser
+from dspark_jax.cli_util import OneLineArgumentParser, add_parallel_flags, pop_parallel
 from dspark_jax.errors import DSparkError, UsageError
+from dspark_jax.memory_plan import check_memory
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_code")
 DEFAULT_TARGET = os.path.join(ASSETS, "target")
@@ -76,6 +77,31 @@ RANDOM_SHAPES = {
         "markov_rank": 256,
         "mask_token_id": 151669,
     },
+    # Qwen3-30B-A3B (Qwen3MoeForCausalLM: 128 experts, top-8): ~61 GB of bf16 weights, an accelerator shape. The
+    # draft's layers are dense Qwen3 layers of the target's geometry (width `intermediate_size`).
+    "qwen3-30b-a3b": {
+        "target": {
+            "vocab_size": 151936,
+            "hidden_size": 2048,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "intermediate_size": 6144,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "moe_intermediate_size": 768,
+            "norm_topk_prob": True,
+            "rope_theta": 1e6,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 40960,
+        },
+        "draft_layers": 5,
+        "block_size": 7,
+        "target_layer_ids": (1, 12, 23, 34, 45),
+        "markov_rank": 256,
+        "mask_token_id": 151669,
+    },
 }
 
 
@@ -83,6 +109,9 @@ def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(
         prog="python -m dspark_jax.bench",
         description="Plain vs speculative decoding speed, τ, compile time and the per-round time split.",
+        epilog="""examples:
+  python -m dspark_jax.bench                                   # the embedded pair, batch 1
+  python -m dspark_jax.bench --random-shape qwen3-4b --batch 1 32 --out bench.json   # random bf16 weights""",
     )
     p.add_argument("--target", help="target folder or hub id (default: the embedded tiny_code target)")
     p.add_argument("--draft", help="draft folder or hub id (default: the embedded DSpark draft)")
@@ -126,6 +155,7 @@ def build_parser() -> OneLineArgumentParser:
     )
     p.add_argument("--no-split", action="store_true", help="skip the per-round split (tokens/s and compile time only)")
     p.add_argument("--out", default="bench.json", help="output JSON path (written atomically after every stage)")
+    add_parallel_flags(p)
     return p
 
 
@@ -174,13 +204,14 @@ def _random_state(model_cls, config, seed: int):
 
 
 def random_pair_configs(shape: str, dtype: str):
-    """(Qwen3Config, DraftConfig) of a RANDOM_SHAPES entry."""
-    from dspark_jax.configs import DraftConfig, Qwen3Config
+    """(Qwen3Config or Qwen3MoeConfig, DraftConfig) of a RANDOM_SHAPES entry."""
+    from dspark_jax.configs import DraftConfig, Qwen3Config, Qwen3MoeConfig
 
     s = RANDOM_SHAPES[shape]
-    tcfg = Qwen3Config(**s["target"]).with_dtype(dtype)
+    tcfg = (Qwen3MoeConfig if "num_experts" in s["target"] else Qwen3Config)(**s["target"]).with_dtype(dtype)
+    dense = tcfg.dense() if isinstance(tcfg, Qwen3MoeConfig) else tcfg  # draft layers are dense
     return tcfg, DraftConfig(
-        model=dataclasses.replace(tcfg, num_hidden_layers=s["draft_layers"], tie_word_embeddings=False),
+        model=dataclasses.replace(dense, num_hidden_layers=s["draft_layers"], tie_word_embeddings=False),
         block_size=s["block_size"],
         num_target_layers=tcfg.num_hidden_layers,
         target_layer_ids=s["target_layer_ids"],
@@ -196,10 +227,10 @@ def random_pair(shape: str, dtype: str, seed: int):
     from flax import nnx
 
     from dspark_jax.loading import DraftHandle, Target
-    from dspark_jax.models import Draft, Qwen3
+    from dspark_jax.models import MODELS, Draft
 
     tcfg, dcfg = random_pair_configs(shape, dtype)
-    tdef, tstate = _random_state(Qwen3, tcfg, seed)
+    tdef, tstate = _random_state(MODELS[type(tcfg)], tcfg, seed)
     ddef, dstate = _random_state(Draft, dcfg, seed + 1)
     draft = nnx.merge(ddef, dstate)
     embed = tstate["embed_tokens"][...]
@@ -397,7 +428,7 @@ def _validate(args) -> None:
         raise UsageError(f"--out {args.out!r}: folder {folder} does not exist")
 
 
-def run(args, log=print, argv: list[str] | None = None) -> dict:
+def run(args, log=print, argv: list[str] | None = None, mesh=None) -> dict:
     """Every stage in order of importance (tokens/s for each batch, then the splits); returns the report."""
     _validate(args)
     import jax
@@ -452,7 +483,8 @@ def run(args, log=print, argv: list[str] | None = None) -> dict:
 
     if not args.random_shape:
         # Loading errors are usage errors (missing folder, mismatched pair): they reach main() before any output.
-        target = dj.load_target(args.target or DEFAULT_TARGET, dtype=dtype)
+        check_memory(args.target or DEFAULT_TARGET, mesh, dtype)
+        target = dj.load_target(args.target or DEFAULT_TARGET, dtype=dtype, mesh=mesh)
         draft = dj.load_draft(args.draft or DEFAULT_DRAFT, target=target)
     copy_mib = args.copy_mib or (4096 if accel else 256)
     stage("bandwidth", lambda: copy_bandwidth(copy_mib << 20), report, "bandwidth")
@@ -536,8 +568,9 @@ def _summary(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    parallel = pop_parallel(args)
     try:
-        report = run(args, log=lambda msg: print(msg, file=sys.stderr), argv=argv)
+        report = run(args, log=lambda msg: print(msg, file=sys.stderr), argv=argv, mesh=parallel.start())
     except DSparkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

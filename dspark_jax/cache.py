@@ -47,3 +47,88 @@ def write_layer(buf: jax.Array, layer: int, new: jax.Array, starts: jax.Array) -
     heads = jnp.arange(kh, dtype=jnp.int32)[None, :, None]
     cols = starts[:, None, None] + jnp.arange(t, dtype=jnp.int32)[None, None, :]
     return buf.at[layer, rows, heads, cols].set(jnp.swapaxes(new, 1, 2).astype(buf.dtype), mode="drop")
+
+
+def tree_mask(parents: jax.Array, anchor_positions: jax.Array, cache_len: int, depth: int) -> jax.Array:
+    """Visibility of a tree verify pass (trees §4): bool[batch, N+1, cache_len].
+
+    parents: i32[batch, N] node parents (-1 = the anchor, parents[j] < j); anchor_positions: i32[batch] P; the pass
+    writes row i (row 0 = anchor, row 1 + j = node j) into slot P + i; depth: the deepest path has at most `depth`
+    nodes. Row i sees the prefix (slots < P), itself and its ancestors.
+    """
+    b, n = parents.shape
+    prow = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), 1 + jnp.maximum(parents.astype(jnp.int32), -1)], axis=1)
+    anc = jnp.broadcast_to(jnp.eye(n + 1, dtype=bool), (b, n + 1, n + 1))
+    for _ in range(depth):  # A^{t+1}[i] = A^t[i] | A^t[prow[i]]: after `depth` steps every ancestor is in
+        anc = anc | jnp.take_along_axis(anc, jnp.broadcast_to(prow[:, :, None], anc.shape), axis=1)
+    slots = jnp.arange(cache_len, dtype=jnp.int32)[None, :]
+    rel = slots - anchor_positions[:, None]  # [b, S]
+    in_tree = (rel >= 0) & (rel <= n)
+    seen = jnp.take_along_axis(anc, jnp.broadcast_to(jnp.clip(rel, 0, n)[:, None, :], (b, n + 1, cache_len)), axis=2)
+    return (rel < 0)[:, None, :] | (in_tree[:, None, :] & seen)
+
+
+def compact_path(cache: KVCache, path: jax.Array, anchor_positions: jax.Array) -> KVCache:
+    """Move the accepted path's K/V from its scratch slots into place after a tree round (trees §4).
+
+    path: i32[batch, B] accepted node ids in path order, -1 padded; node j's K/V sit in slot P + 1 + j, and the
+    path's d-th node belongs in slot P + 1 + d. One gather then one scatter over every layer; entries past the
+    accepted length land beyond the new length (stale, like rolled-back chain rows). Lengths are left alone.
+    """
+    b, depth = path.shape
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    src = jnp.clip(anchor_positions[:, None] + 1 + jnp.maximum(path, 0), 0, cache.cache_len - 1)
+    dst = anchor_positions[:, None] + 1 + jnp.arange(depth, dtype=jnp.int32)[None, :]
+    k = cache.k.at[:, rows, :, dst].set(cache.k[:, rows, :, src], mode="drop")
+    v = cache.v.at[:, rows, :, dst].set(cache.v[:, rows, :, src], mode="drop")
+    return dataclasses.replace(cache, k=k, v=v)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CompressorCache:
+    """One DeepSeek-V4 compressor's decoding state (V4 §2.6, §2.9), indexed by absolute position.
+
+    kv, gate: [batch, cache_len, overlap * width] every token's projections a_s and z_s (z with its ape row added);
+    the open window is simply the newest of them. entries: [batch, num_entries, width] compressed entry w at row w
+    (normed and roped). A pass starting at P rewrites every token >= P and every entry w >= P // ratio, so rows
+    past a row's committed length are never read before they are rewritten: rollback is a length update.
+    """
+
+    kv: jax.Array
+    gate: jax.Array
+    entries: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class V4LayerCache:
+    """One DeepSeek-V4 layer: raw K=V vectors [batch, cache_len, head_dim] (the sliding window reads the newest W
+    below each query), the attention compressor (None in SWA layers) and the indexer's (CSA layers only)."""
+
+    window: jax.Array
+    compressor: CompressorCache | None = None
+    indexer: CompressorCache | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeepseekV4Cache:
+    """Decoding state of every DeepSeek-V4 layer plus per-row lengths i32[batch].
+
+    Everything is stored by absolute position (no ring), so, as with KVCache, a forward at positions >= P sees only
+    rows < P and its own chunk, and rolling a row back to P is setting its length: a verify block's rejected rows,
+    a compressed entry they closed and the compressor's open window are all rebuilt by the next pass from P.
+    """
+
+    layers: tuple[V4LayerCache, ...]
+    lengths: jax.Array
+
+    @property
+    def cache_len(self) -> int:
+        return self.layers[0].window.shape[1]
+
+    @property
+    def k(self) -> tuple[jax.Array, ...]:
+        """The raw K=V buffers of every layer (what a timing harness may block on)."""
+        return tuple(layer.window for layer in self.layers)

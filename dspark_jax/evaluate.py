@@ -1,42 +1,143 @@
-"""CLI: python -m dspark_jax.evaluate — offline acceptance metrics of a draft on held-out prompts (spec §7.1, §8).
+"""CLI: python -m dspark_jax.evaluate — offline acceptance metrics of drafts on held-out prompts (spec §7, §8).
 
-Prompts come from a jsonl of token ids (`{"ids": [...]}` or `{"prompt_ids": [...]}`: a window of `--prompt-len`
-tokens at a seeded offset of each row) or of chat turns (`{"turns": [...]}`, the eval_datasets format, through
-the tokenizer). Prints (and with `--out`, writes) one JSON object. With full-block verification and a draft that has
-a confidence head it also reports the calibration metrics of spec §7.3, and `--save-calibration` fits the per-slot
-temperatures of spec §10 on these rounds and writes them to the draft folder's calibration.json (which load_draft
-then reads and `verify="scheduler"` uses).
+Two ways to give prompts:
+
+* `--benchmarks gsm8k,math500,...` (the default: the paper's eight sets): the evaluation protocol of spec §8. Each
+  name resolves through huggingface_hub to its public dataset (downloaded once, then read from the cache; see
+  `dspark_jax.eval_data`), or `--data-dir DIR` reads DIR/NAME.jsonl files in the `{"turns": [...]}` format (a path
+  to any .jsonl file works as a name too). Each set is capped at its paper size (at most 500; `--num-prompts`
+  overrides), shuffled with the eval seed when larger; turns[0] goes through the chat template (one user message,
+  generation prompt, thinking off). Defaults: temperature 1, 2048 new tokens, seed 980406, one prompt at a time
+  (`--batch-size`), full-block verification. Prompt i of a set draws from stream fold_in(key(seed + first index of
+  its batch), position in its batch), i.e. seed + i with batches of one. Tokens/s leave compilation out: the first
+  batch of each new compiled shape runs once untimed.
+* `--data F.jsonl`: token-id rows (`{"ids": [...]}` / `{"prompt_ids": [...]}`: a window of `--prompt-len` tokens at
+  a seeded offset of each row) or chat turns; quick defaults (32 prompts, 128 new tokens, greedy, seed 0, one batch).
+  Prints the earlier single-set JSON (`metrics`, `num_prompts`, `new_tokens`, `config`) plus the fields below.
+
+Reported per benchmark, draft and verify policy (the paper's Table 1): τ, mean proposal length, verify rate,
+per-slot conditional acceptance and prefix survival, tokens/s (and plain decoding's tokens/s and the speedup with
+`--compare`), plus the macro average over benchmarks. With full-block verification and a draft that has a
+confidence head, the calibration metrics of spec §7.3; `--save-calibration` fits the per-slot temperatures of spec
+§10 on all these rounds and writes them to the draft folder's calibration.json (which load_draft then reads and
+`verify="scheduler"` uses). `--out DIR` writes DIR/results.json, DIR/results.csv and PNG plots.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 
-from dspark_jax.cli_util import OneLineArgumentParser
+from dspark_jax.cli_util import OneLineArgumentParser, add_parallel_flags, pop_parallel
 from dspark_jax.errors import DSparkError, UsageError
+from dspark_jax.memory_plan import check_memory
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_code")
+DEFAULT_TARGET = os.path.join(ASSETS, "target")
+EMBEDDED_DRAFTS = {"dspark": os.path.join(ASSETS, "dspark"), "dflash": os.path.join(ASSETS, "dflash")}
+
+# Defaults that differ between the two prompt sources; None in EvalArgs means "the default of the mode".
+PROTOCOL_DEFAULTS = {"max_new_tokens": 2048, "temperature": 1.0, "seed": 980406, "batch_size": 1}  # spec §8
+QUICK_DEFAULTS = {"num_prompts": 32, "max_new_tokens": 128, "temperature": 0.0, "seed": 0}  # --data
+
+EXAMPLES = """examples:
+  # the paper's protocol on the embedded pair, DSpark vs DFlash, prompt sets from a local folder:
+  python -m dspark_jax.evaluate --drafts dspark,dflash --data-dir eval_datasets \\
+      --benchmarks gsm8k,humaneval,mt-bench --num-prompts 20 --max-new-tokens 256 --out results/
+  # a converted pair, all of the paper's sets from the hub, plain decoding for the speedup:
+  python -m dspark_jax.evaluate --target Qwen/Qwen3-4B --draft DRAFT_DIR --compare --out results/
+  # one token-id file, fitting the confidence temperatures (spec §10):
+  python -m dspark_jax.evaluate --target T --draft D --data prompts.jsonl --save-calibration
+"""
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalArgs:
-    target: str
-    draft: str
-    data: str
-    num_prompts: int = 32
+    """The CLI's flags, one field each (None: the default of the mode, see PROTOCOL_DEFAULTS / QUICK_DEFAULTS)."""
+
+    target: str | None = None
+    draft: str | None = None
+    drafts: str | None = None
+    data: str | None = None
+    benchmarks: str | None = None
+    data_dir: str | None = None
+    num_prompts: int | None = None
     prompt_len: int = 64
-    max_new_tokens: int = 128
-    temperature: float = 0.0
+    max_new_tokens: int | None = None
+    temperature: float | None = None
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
+    seed: int | None = None
     verify: str = "full"
-    dtype: str = "float32"
+    dtype: str | None = None
+    batch_size: int | None = None
+    compare: bool = False
     out: str | None = None
     save_calibration: bool = False
+    json: bool = False
+
+
+def build_parser() -> OneLineArgumentParser:
+    import argparse
+
+    p = OneLineArgumentParser(
+        prog="python -m dspark_jax.evaluate",
+        description=__doc__.splitlines()[0].split("— ", 1)[1],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--target", help="target folder or hub id (default: the embedded tiny_code target)")
+    drafts = p.add_mutually_exclusive_group()
+    drafts.add_argument("--draft", help="draft folder or hub id (default: the embedded DSpark draft)")
+    drafts.add_argument(
+        "--drafts",
+        help="several drafts, comma-separated, evaluated on the same prompts (with the embedded target, the names "
+        "dspark and dflash mean the embedded drafts)",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--benchmarks",
+        help="comma-separated prompt sets: gsm8k, math500, aime25, humaneval, mbpp, livecodebench, mt-bench, "
+        "arena-hard-v2, alpaca, aime24, lbpp, 'paper' (the first eight; the default), or paths to .jsonl files",
+    )
+    src.add_argument("--data", help="one jsonl of token ids or chat turns (the quick single-set mode)")
+    p.add_argument("--data-dir", help='folder of NAME.jsonl files ({"turns": [...]}) used instead of the hub')
+    p.add_argument(
+        "--num-prompts", type=int, help="prompts per set (default: each set's paper size, at most 500; --data: 32)"
+    )
+    p.add_argument("--prompt-len", type=int, default=64, help="--data token rows: window length")
+    p.add_argument("--max-new-tokens", type=int, help="default 2048 (--data: 128)")
+    p.add_argument("--temperature", type=float, help="default 1.0 (--data: 0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, help="eval seed (default 980406, the reference's; --data: 0)")
+    p.add_argument(
+        "--verify",
+        default="full",
+        help="full | threshold:X | scheduler; comma-separated to compare policies (e.g. full,scheduler)",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU, bfloat16 on accelerators")
+    p.add_argument("--batch-size", type=int, help="prompts per generate call (default 1; --data: all in one)")
+    p.add_argument("--compare", action="store_true", help="also run plain decoding: plain tokens/s and speedup")
+    p.add_argument("--out", help="folder for results.json, results.csv and the PNG plots")
+    p.add_argument(
+        "--save-calibration",
+        action="store_true",
+        help="fit per-slot confidence temperatures on these rounds (spec §10) into the draft's calibration.json",
+    )
+    p.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
+    add_parallel_flags(p)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ prompts
 
 
 def load_prompts(path: str, num_prompts: int, prompt_len: int, seed: int, tokenizer=None) -> list[list[int]]:
@@ -65,94 +166,421 @@ def load_prompts(path: str, num_prompts: int, prompt_len: int, seed: int, tokeni
     return prompts
 
 
-def run(args: EvalArgs) -> dict:
+@dataclasses.dataclass
+class EncodedSet:
+    """One prompt set as token ids: name, domain, ids, and how many prompts were dropped for not fitting."""
+
+    name: str
+    domain: str
+    prompts: list[list[int]]
+    skipped: int = 0
+    source: str = "local"
+
+
+def _encode_sets(sets, tokenizer, context_len: int) -> list[EncodedSet]:
+    from dspark_jax.eval_data import HUB_SETS
+
+    if tokenizer is None:
+        raise UsageError("--benchmarks prompts are text but the target folder has no tokenizer.json; use --data ids")
+    out = []
+    for s in sets:
+        ids = [tokenizer.encode_prompt(text) for text in s.prompts]
+        kept = [p for p in ids if len(p) < context_len]  # generate() refuses longer ones; they are reported
+        if not kept:
+            raise UsageError(
+                f"benchmark {s.name!r}: every selected prompt is longer than the target's context ({context_len})"
+            )
+        domain = HUB_SETS[s.name].domain if s.name in HUB_SETS else "other"
+        out.append(EncodedSet(s.name, domain, kept, len(ids) - len(kept), s.source))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+@dataclasses.dataclass
+class SetRun:
+    """The merged outcome of all batches of one set under one draft and policy."""
+
+    acceptance_lengths: list
+    proposal_lengths: list
+    confidence_logits: list
+    new_tokens: int
+    seconds: float
+    warm: bool  # every timed batch ran on an already compiled shape
+
+
+class Runner:
+    """Runs prompt sets in batches through dj.generate, with a progress bar; remembers compiled shapes so that a
+    batch of a new shape first runs once untimed (when `warm_up`)."""
+
+    def __init__(self, target, settings: dict, batch_size: int | None, warm_up: bool, progress):
+        self.target, self.settings, self.batch_size = target, settings, batch_size
+        self.warm_up, self.progress = warm_up, progress
+        self.compiled: set = set()
+
+    def run(self, draft, label: str, verify: str, prompts: list[list[int]]) -> SetRun:
+        import dspark_jax as dj
+
+        size = self.batch_size or len(prompts)
+        acc, prop, conf, new_tokens, seconds, warm = [], [], [], 0, 0.0, True
+        for start in range(0, len(prompts), size):
+            batch = prompts[start : start + size]
+            kwargs = dict(self.settings, seed=self.settings["seed"] + start, verify=verify)
+            # Finer than generate's own buckets (prompt bucket, batch bucket), so a batch that would compile is
+            # never taken for a compiled one.
+            shape = (label, verify, len(batch), 1 << (max(map(len, batch)) - 1).bit_length())
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="max_new_tokens .* is capped")  # counted per set instead
+                if shape not in self.compiled:
+                    if self.warm_up:
+                        dj.generate(self.target, draft, batch, **kwargs)
+                    else:
+                        warm = False
+                    self.compiled.add(shape)
+                result = dj.generate(self.target, draft, batch, **kwargs)
+            acc += result.acceptance_lengths
+            prop += result.proposal_lengths
+            conf += result.confidence_logits
+            new_tokens += result.new_tokens
+            seconds += result.seconds
+            self.progress.update(len(batch))
+        return SetRun(acc, prop, conf, new_tokens, seconds, warm)
+
+
+def _calibration(draft, run_rounds, temperatures) -> dict:
+    """Raw (and, with temperatures, calibrated) calibration metrics and reliability bins of pooled rounds."""
+    from dspark_jax.metrics import calibration_metrics, calibration_reliability
+
+    z, accepted, proposed = run_rounds
+    out = {
+        "raw": calibration_metrics(z, accepted, proposed),
+        "reliability": calibration_reliability(z, accepted, proposed),
+    }
+    if temperatures is not None:
+        out["calibrated"] = calibration_metrics(z, accepted, proposed, temperatures)
+        out["calibrated"]["temperatures"] = [float(t) for t in temperatures]
+        out["reliability_calibrated"] = calibration_reliability(z, accepted, proposed, temperatures)
+    return out
+
+
+def _rounds(run: SetRun):
+    from dspark_jax.metrics import calibration_data
+
+    return calibration_data(run.confidence_logits, run.acceptance_lengths, run.proposal_lengths)
+
+
+MACRO_KEYS = (
+    "tau",
+    "mean_proposal_length",
+    "verify_rate",
+    "conditional_acceptance",
+    "prefix_survival",
+    "tokens_per_s",
+    "plain_tokens_per_s",
+    "speedup",
+    "ece",
+)
+
+
+def _row(s: EncodedSet, label: str, draft, verify: str, run: SetRun, plain: SetRun | None, limits) -> dict:
+    """One results row; limits = (max_new_tokens, the target's context length)."""
+    from dspark_jax.metrics import speculative_metrics
+
+    max_new_tokens, context_len = limits
+    row = {"benchmark": s.name, "domain": s.domain, "draft": label, "verify": verify, "num_prompts": len(s.prompts)}
+    row["skipped_prompts"] = s.skipped  # longer than the context
+    row["capped_prompts"] = sum(len(p) + max_new_tokens >= context_len for p in s.prompts)  # fewer new tokens
+    row |= speculative_metrics(run.acceptance_lengths, run.proposal_lengths, draft.config.block_size)
+    tps = run.new_tokens / run.seconds if run.seconds > 0 else None
+    plain_tps = plain.new_tokens / plain.seconds if plain is not None and plain.seconds > 0 else None
+    row |= {"new_tokens": run.new_tokens, "seconds": run.seconds, "tokens_per_s": tps, "timed_warm": run.warm}
+    row |= {"plain_tokens_per_s": plain_tps, "speedup": tps / plain_tps if tps and plain_tps else None}
+    row["ece"] = None
+    if draft.config.enable_confidence_head and verify == "full":
+        cal = _calibration(draft, _rounds(run), draft.calibration)
+        row["calibration_raw"] = cal["raw"]
+        row["ece"] = cal["raw"]["summary"]["ece"]
+        if "calibrated" in cal:
+            row["calibration"] = cal["calibrated"]
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def _resolve(args: EvalArgs) -> EvalArgs:
+    """Fill the mode's defaults and validate every flag that needs no model."""
     import dspark_jax as dj
+
+    if args.data is not None and (args.benchmarks is not None or args.data_dir is not None):
+        raise UsageError("--data is one file; --benchmarks / --data-dir select prompt sets (give one or the other)")
+    quick = args.data is not None
+    defaults = QUICK_DEFAULTS if quick else PROTOCOL_DEFAULTS
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    if args.out is not None and args.out.endswith(".json"):
+        raise UsageError(f"--out {args.out!r} looks like a file; --out is a folder (DIR/results.json, results.csv)")
+    for name in ("num_prompts", "prompt_len", "max_new_tokens", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    dj.SamplingConfig(args.temperature, args.top_p, args.top_k)
+    for policy in _policies(args):
+        dj.VerifyPolicy.parse(policy)
+    if args.save_calibration and _policies(args) != ["full"]:
+        raise UsageError(f"--save-calibration fits on full blocks; got --verify {args.verify} (accepted: full)")
+    if args.save_calibration and args.drafts and len(args.drafts.split(",")) > 1:
+        raise UsageError("--save-calibration fits one draft; give --draft, not several --drafts")
+    return args
+
+
+def _policies(args: EvalArgs) -> list[str]:
+    policies = [v.strip() for v in args.verify.split(",") if v.strip()]
+    if not policies:
+        raise UsageError("--verify is empty; accepted: full, threshold:X, scheduler (comma-separated)")
+    return list(dict.fromkeys(policies))
+
+
+def _draft_paths(args: EvalArgs) -> list[tuple[str, str]]:
+    """(label, path or hub id) per draft, in order."""
+    if args.target is not None and args.draft is None and args.drafts is None:
+        raise UsageError("--target without --draft: pass --draft PATH|ID or --drafts A,B")
+    items = [d.strip() for d in args.drafts.split(",") if d.strip()] if args.drafts else [args.draft or "dspark"]
+    if not items:
+        raise UsageError("--drafts is empty; give comma-separated draft folders or hub ids")
+    out = []
+    for item in items:
+        path = item
+        if args.target is None and item in EMBEDDED_DRAFTS and not os.path.exists(item):
+            path = EMBEDDED_DRAFTS[item]
+        out.append((os.path.basename(os.path.normpath(path)) or item, path))
+    labels = [label for label, _ in out]
+    if len(set(labels)) < len(labels):  # same folder names: fall back to the arguments as given
+        out = [(item, path) for item, (_, path) in zip(items, out)]
+    if len({label for label, _ in out}) < len(out):
+        raise UsageError(f"--drafts names a draft twice: {args.drafts!r}")
+    return out
+
+
+def run(args: EvalArgs, mesh=None) -> dict:
+    import jax
+    from tqdm import tqdm
+
+    import dspark_jax as dj
+    from dspark_jax import eval_data
     from dspark_jax.checkpoints import save_calibration
     from dspark_jax.decoding.calibration import fit_temperatures
-    from dspark_jax.metrics import calibration_data, calibration_metrics, speculative_metrics
+    from dspark_jax.metrics import macro_average
 
-    dj.SamplingConfig(args.temperature, args.top_p, args.top_k)
-    dj.VerifyPolicy.parse(args.verify)
-    if args.save_calibration and args.verify != "full":
-        raise UsageError(f"--save-calibration fits on full blocks; got --verify {args.verify} (accepted: full)")
-    target = dj.load_target(args.target, dtype=args.dtype)
-    draft = dj.load_draft(args.draft, target=target)
-    if args.save_calibration and not draft.config.enable_confidence_head:
-        raise UsageError(f"--save-calibration needs a draft with a confidence head; {args.draft!r} has none")
-    prompts = load_prompts(args.data, args.num_prompts, args.prompt_len, args.seed, target.tokenizer)
-    result = dj.generate(
-        target,
-        draft,
-        prompts=prompts,
+    args = _resolve(args)
+    policies = _policies(args)
+    draft_paths = _draft_paths(args)
+    text_sets = None
+    if args.data is None:  # read (and download) every set before loading any model: bad names fail fast
+        names = eval_data.parse_names(args.benchmarks or "paper")
+        text_sets = eval_data.load_sets(names, args.data_dir, args.num_prompts, args.seed)
+    if args.target is None and not os.path.isdir(DEFAULT_TARGET):
+        raise DSparkError("the embedded default pair (dspark_jax/assets/tiny_code) is not built yet; pass --target")
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    check_memory(args.target or DEFAULT_TARGET, mesh, dtype)
+    target = dj.load_target(args.target or DEFAULT_TARGET, dtype=dtype, mesh=mesh)
+    drafts = [(label, dj.load_draft(path, target=target)) for label, path in draft_paths]
+    for label, draft in drafts:
+        cut = [p for p in policies if p != "full"]
+        if cut and not draft.config.enable_confidence_head:
+            raise UsageError(f"--verify {cut[0]} needs a draft with a confidence head; {label!r} has none")
+    if args.save_calibration and not drafts[0][1].config.enable_confidence_head:
+        raise UsageError(f"--save-calibration needs a draft with a confidence head; {draft_paths[0][1]!r} has none")
+    context_len = target.config.max_position_embeddings
+    if text_sets is None:
+        ids = load_prompts(args.data, args.num_prompts, args.prompt_len, args.seed, target.tokenizer)
+        sets = [EncodedSet(os.path.splitext(os.path.basename(args.data))[0], "other", ids)]
+    else:
+        sets = _encode_sets(text_sets, target.tokenizer, context_len)
+    settings = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
-        verify=args.verify,
     )
-    metrics = speculative_metrics(result.acceptance_lengths, result.proposal_lengths, draft.config.block_size)
+    total = sum(len(s.prompts) for s in sets) * (len(drafts) * len(policies) + int(args.compare))
+    with tqdm(total=total, unit="prompt", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+        runner = Runner(target, settings, args.batch_size, warm_up=args.data is None or args.compare, progress=bar)
+        plain = {}
+        if args.compare:
+            for s in sets:
+                bar.set_description(f"plain {s.name}")
+                plain[s.name] = runner.run(None, "plain", "full", s.prompts)
+        rows, runs = [], {}
+        for label, draft in drafts:
+            for policy in policies:
+                for s in sets:
+                    bar.set_description(f"{label} {policy} {s.name}")
+                    run_ = runner.run(draft, label, policy, s.prompts)
+                    runs[(label, policy, s.name)] = run_
+                    limits = (args.max_new_tokens, context_len)
+                    rows.append(_row(s, label, draft, policy, run_, plain.get(s.name), limits))
     out = {}
-    if draft.config.enable_confidence_head and args.verify == "full":
-        z, accepted, proposed = calibration_data(
-            result.confidence_logits, result.acceptance_lengths, result.proposal_lengths
-        )
-        metrics["calibration_raw"] = calibration_metrics(z, accepted, proposed)
+    calibration = {}
+    for label, draft in drafts:
+        if not (draft.config.enable_confidence_head and "full" in policies):
+            continue
+        pooled = [_rounds(runs[(label, "full", s.name)]) for s in sets]
+        z, accepted, proposed = (np.concatenate([p[i] for p in pooled]) for i in range(3))
         temps = draft.calibration
         if args.save_calibration:
+            raw = _calibration(draft, (z, accepted, proposed), None)["raw"]
             temps = fit_temperatures(z, accepted, proposed)
-            fitted = calibration_metrics(z, accepted, proposed, temps)
-            info = {"rounds": int(z.shape[0]), "ece_raw": metrics["calibration_raw"]["summary"]["ece"]}
-            info |= {"ece_fitted": fitted["summary"]["ece"], "fitted_on": dataclasses.asdict(args)}
+            fitted = _calibration(draft, (z, accepted, proposed), temps)["calibrated"]
+            info = {"rounds": int(z.shape[0]), "ece_raw": raw["summary"]["ece"], "ece_fitted": fitted["summary"]["ece"]}
+            info["fitted_on"] = dataclasses.asdict(args)
             out["calibration_file"] = save_calibration(draft.path, temps, draft.config.block_size, info)
-        if temps is not None:
-            metrics["calibration"] = calibration_metrics(z, accepted, proposed, temps)
-            metrics["calibration"]["temperatures"] = [float(t) for t in temps]
-    return {
-        **out,
-        "metrics": metrics,
-        "num_prompts": len(prompts),
-        "new_tokens": result.new_tokens,
-        "config": dataclasses.asdict(args),
+            for row in rows:  # the rows now report the fitted temperatures
+                if row["draft"] == label and row["verify"] == "full":
+                    r = runs[(label, "full", row["benchmark"])]
+                    row["calibration"] = _calibration(draft, _rounds(r), temps)["calibrated"]
+        cal = _calibration(draft, (z, accepted, proposed), temps)
+        calibration[label] = {
+            "rounds": int(z.shape[0]),
+            "summary": cal["raw"]["summary"],
+            "per_slot": cal["raw"]["per_slot"],
+            "reliability": cal["reliability"],
+        }
+        if "calibrated" in cal:
+            calibration[label] |= {
+                "calibrated": cal["calibrated"],
+                "reliability_calibrated": cal["reliability_calibrated"],
+            }
+    macro = []
+    for label, _ in drafts:
+        for policy in policies:
+            group = [r for r in rows if (r["draft"], r["verify"]) == (label, policy)]
+            macro.append(
+                {"benchmark": "macro-average", "draft": label, "verify": policy, "benchmarks": len(group)}
+                | {"num_prompts": sum(r["num_prompts"] for r in group)}
+                | macro_average(group, MACRO_KEYS)
+            )
+    config = dataclasses.asdict(args) | {
+        "target": args.target or DEFAULT_TARGET,
+        "drafts": {label: path for label, path in draft_paths},
+        "dtype": dtype,
+        "backend": jax.default_backend(),
+        "context_len": context_len,
+        "sets": {s.name: s.source for s in sets},
     }
+    results = {**out, "rows": rows, "macro_average": macro, "calibration": calibration, "config": config}
+    if args.data is not None and len(rows) == 1:  # the single-set JSON of the earlier CLI, kept for its users
+        keep = ("rounds", "tau", "mean_proposal_length", "verify_rate", "prefix_survival", "conditional_acceptance")
+        metrics = {k: rows[0][k] for k in keep if k in rows[0]}
+        metrics |= {k: rows[0][k] for k in ("calibration_raw", "calibration") if k in rows[0]}
+        results |= {"metrics": metrics, "num_prompts": rows[0]["num_prompts"], "new_tokens": rows[0]["new_tokens"]}
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+SLOT_COLUMNS = (("accept", "conditional_acceptance"), ("survival", "prefix_survival"))
+CSV_SCALARS = (
+    "num_prompts",
+    "rounds",
+    "tau",
+    "mean_proposal_length",
+    "verify_rate",
+    "tokens_per_s",
+    "plain_tokens_per_s",
+    "speedup",
+    "ece",
+)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def results_csv(results: dict) -> str:
+    """One line per benchmark, draft and policy, then the macro averages: the paper's Table 1 layout."""
+    table = results["rows"] + results["macro_average"]
+    slots = max((len(r.get("conditional_acceptance") or []) for r in table), default=0)
+    header = ["benchmark", "domain", "draft", "verify", *CSV_SCALARS]
+    header += [f"{short}@{j}" for short, _ in SLOT_COLUMNS for j in range(slots)]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in table:
+        line = [r.get("benchmark"), r.get("domain", ""), r["draft"], r["verify"]]
+        line += [_fmt(r.get(k)) for k in CSV_SCALARS]
+        for _, key in SLOT_COLUMNS:
+            values = list(r.get(key) or [])
+            line += [_fmt(v) for v in values + [None] * (slots - len(values))]
+        w.writerow(line)
+    return buf.getvalue()
+
+
+def results_table(results: dict) -> str:
+    """The printed table: one line per row and macro average."""
+    lines = [
+        f"{'benchmark':<16}{'draft':<12}{'verify':<14}{'n':>5}{'tau':>7}{'tok/s':>9}{'speedup':>9}  "
+        "conditional acceptance per slot"
+    ]
+    for r in results["rows"] + results["macro_average"]:
+        n = r.get("num_prompts", "")
+        tps, sp = r.get("tokens_per_s"), r.get("speedup")
+        acc = " ".join(f"{a:.2f}" for a in (r.get("conditional_acceptance") or []) if a is not None)
+        tau = r.get("tau")
+        lines.append(
+            f"{r['benchmark']:<16}{r['draft']:<12}{r['verify']:<14}{n!s:>5}"
+            f"{(f'{tau:.2f}' if tau is not None else '-'):>7}{(f'{tps:.1f}' if tps else '-'):>9}"
+            f"{(f'{sp:.2f}x' if sp else '-'):>9}  {acc}"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, out_dir: str) -> list[str]:
+    """DIR/results.json, DIR/results.csv and the plots; returns the paths written."""
+    from dspark_jax.plots import write_plots
+
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out_dir!r} cannot be created ({type(e).__name__})") from None
+    paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")]
+    with open(paths[0], "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+    with open(paths[1], "w") as f:
+        f.write(results_csv(results))
+    return paths + write_plots(results, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineArgumentParser(prog="python -m dspark_jax.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True)
-    p.add_argument("--data", required=True, help="jsonl of token ids or chat turns")
-    for name, kind in (
-        ("num_prompts", int),
-        ("prompt_len", int),
-        ("max_new_tokens", int),
-        ("temperature", float),
-        ("top_p", float),
-        ("top_k", int),
-        ("seed", int),
-    ):
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=EvalArgs.__dataclass_fields__[name].default)
-    p.add_argument("--verify", default="full")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--out", help="write the JSON here too")
-    p.add_argument(
-        "--save-calibration",
-        action="store_true",
-        help="fit per-slot confidence temperatures on these rounds (spec §10) into the draft's calibration.json",
-    )
-    args = EvalArgs(**vars(p.parse_args(argv)))
+    ns = build_parser().parse_args(argv)
+    parallel = pop_parallel(ns)
+    args = EvalArgs(**vars(ns))
     try:
-        if args.num_prompts < 1 or args.prompt_len < 1:
-            raise UsageError("--num-prompts and --prompt-len must be positive integers")
-        out = run(args)
+        results = run(args, mesh=parallel.start())
+        if args.out:
+            results["files"] = write_outputs(results, args.out)
     except DSparkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(out)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    if args.data is not None or args.json:
+        print(json.dumps(results))
+    else:
+        print(results_table(results))
+        if args.out:
+            print(f"wrote {', '.join(results['files'])}")
+    capped = sum(r["capped_prompts"] for r in results["rows"])
+    if capped:
+        print(
+            f"warning: {capped} prompt runs reached the target's context ({results['config']['context_len']}) "
+            "before --max-new-tokens",
+            file=sys.stderr,
+        )
     return 0
 
 

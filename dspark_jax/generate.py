@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import sys
 import types
 
-from dspark_jax.cli_util import OneLineArgumentParser
+from dspark_jax.cli_util import OneLineArgumentParser, add_parallel_flags, enable_compile_cache, pop_parallel
 from dspark_jax.errors import DSparkError, UsageError
+from dspark_jax.memory_plan import check_memory
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_code")
 DEFAULT_TARGET = os.path.join(ASSETS, "target")
 DEFAULT_DRAFT = os.path.join(ASSETS, "dspark")
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+EXAMPLES = """examples:
+  python -m dspark_jax.generate                        # the embedded pair, speculative vs plain
+  python -m dspark_jax.generate --prompt "def parse(path):" --max-new-tokens 64 --temperature 0.7 --top-p 0.9
+  python -m dspark_jax.generate --target Qwen/Qwen3-4B --draft DeepSpec/dspark_qwen3_4b_block7 --verify scheduler
+  python -m dspark_jax.generate --no-draft --prompt-ids 1,2,3 --json
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +44,18 @@ class GenerateArgs:
     dtype: str | None = None
     compare: bool = False
     json: bool = False
+    no_stream: bool = False
+    no_compile_cache: bool = False
+    tree: str | None = None  # "N[,K[,W]]": tree rounds (trees §7); None = the chain
+    tree_mode: str = "auto"
 
 
 def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(
         prog="python -m dspark_jax.generate",
         description="Generate with a target and a DSpark draft (defaults: the embedded pair).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--target", help="target folder or hub id (default: the embedded tiny_code target)")
     p.add_argument("--draft", help="draft folder or hub id (default: the embedded DSpark draft)")
@@ -65,7 +79,18 @@ def build_parser() -> OneLineArgumentParser:
         help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)",
     )
     p.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
+    p.add_argument("--tree", help="draft tree N[,K[,W]]: N nodes, K children per node, beam W (default: a chain)")
+    p.add_argument("--tree-mode", default="auto", help="topk | swor | iid | auto (topk at temperature 0, swor above)")
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
+    p.add_argument(
+        "--no-stream", action="store_true", help="print the text when it is complete (default: as rounds complete)"
+    )
+    p.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not use the persistent compilation cache (default: on, in $XDG_CACHE_HOME/dspark_jax/xla)",
+    )
+    add_parallel_flags(p)
     return p
 
 
@@ -114,9 +139,10 @@ def _encode(text: str, tokenizer) -> list[int]:
 TIMED_RUNS = 3  # timed runs per mode after the compiling one; the median is reported
 
 
-def _timed(target, draft, prompts, args: GenerateArgs, compare: bool):
+def _timed(target, draft, prompts, args: GenerateArgs, compare: bool, on_tokens=None):
     """(speculative result, plain result or None): each mode compiles with one run, then the modes take turns for
-    TIMED_RUNS runs each, so both see the same machine; each result carries its median time."""
+    TIMED_RUNS runs each, so both see the same machine; each result carries its median time. `on_tokens` streams
+    the first (compiling) run of the first mode."""
     import statistics
 
     import dspark_jax as dj
@@ -129,10 +155,11 @@ def _timed(target, draft, prompts, args: GenerateArgs, compare: bool):
         top_k=args.top_k,
         seed=args.seed,
     )
-    modes = [(draft, args.verify if draft else "full")] + ([(None, "full")] if compare else [])
-    for d, verify in modes:
-        dj.generate(target, d, verify=verify, **kwargs)
-    runs = [[dj.generate(target, d, verify=verify, **kwargs) for d, verify in modes] for _ in range(TIMED_RUNS)]
+    tree = _tree(args) if draft else None
+    modes = [(draft, args.verify if draft else "full", tree)] + ([(None, "full", None)] if compare else [])
+    for i, (d, verify, t) in enumerate(modes):
+        dj.generate(target, d, verify=verify, on_tokens=on_tokens if i == 0 else None, tree=t, **kwargs)
+    runs = [[dj.generate(target, d, verify=v, tree=t, **kwargs) for d, v, t in modes] for _ in range(TIMED_RUNS)]
     out = []
     for i in range(len(modes)):
         results = [r[i] for r in runs]
@@ -140,7 +167,7 @@ def _timed(target, draft, prompts, args: GenerateArgs, compare: bool):
     return out[0], (out[1] if compare else None)
 
 
-def run(args: GenerateArgs) -> dict:
+def run(args: GenerateArgs, mesh=None) -> dict:
     import jax
 
     import dspark_jax as dj
@@ -148,6 +175,9 @@ def run(args: GenerateArgs) -> dict:
     # Validate every flag before anything is loaded or compiled.
     dj.SamplingConfig(args.temperature, args.top_p, args.top_k)
     dj.VerifyPolicy.parse(args.verify)
+    _tree(args)
+    if args.tree is not None and args.no_draft:
+        raise UsageError(f"--tree {args.tree} needs a draft; drop --no-draft")
     if not isinstance(args.max_new_tokens, int) or args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     target_path = args.target or DEFAULT_TARGET
@@ -155,11 +185,16 @@ def run(args: GenerateArgs) -> dict:
     if args.target is None and not os.path.isdir(DEFAULT_TARGET):
         raise DSparkError("the embedded default pair (dspark_jax/assets/tiny_code) is not built yet; pass --target")
     if args.draft is None and args.target is not None and not args.no_draft:
-        raise UsageError("--target without --draft: pass --draft PATH|ID or --no-draft")
+        from dspark_jax.loading import has_own_draft
+
+        if not has_own_draft(args.target):  # a DeepSeek-V4 -DSpark folder carries its own draft (V4 §4)
+            raise UsageError("--target without --draft: pass --draft PATH|ID or --no-draft")
+        draft_path = args.target
     if args.no_draft and args.verify != "full":
         raise UsageError(f"--verify {args.verify} needs a draft; with --no-draft only 'full' applies")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    target = dj.load_target(target_path, dtype=dtype)
+    check_memory(target_path, mesh, dtype)
+    target = dj.load_target(target_path, dtype=dtype, mesh=mesh)
     draft = dj.load_draft(draft_path, target=target) if draft_path else None
     if args.prompt_ids is not None:
         prompts = [_parse_ids(args.prompt_ids)]
@@ -167,10 +202,17 @@ def run(args: GenerateArgs) -> dict:
         prompts = _read_prompts_file(args.prompts_file, target.tokenizer)
     else:
         prompts = [_encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT, target.tokenizer)]
-    result, plain = _timed(target, draft, prompts, args, compare=args.compare and draft is not None)
+    tok = target.tokenizer
+    streamed = not args.json and not args.no_stream and len(prompts) == 1
+    printer = None
+    if streamed:
+        printer = _StreamPrinter(tok, args.prompt if args.prompt is not None and tok else _text(prompts[0], tok))
+    result, plain = _timed(target, draft, prompts, args, args.compare and draft is not None, printer)
+    if printer is not None:
+        printer.close()
+        print("-" * 60)
     tps = result.new_tokens / max(result.seconds, 1e-9)
     plain_tps = plain.new_tokens / max(plain.seconds, 1e-9) if plain else None
-    tok = target.tokenizer
     return {
         "prompts": [
             {
@@ -179,10 +221,19 @@ def run(args: GenerateArgs) -> dict:
                 "text": tok.decode(t) if tok else None,
                 "acceptance_lengths": a,
                 "proposal_lengths": q,
+                **({"nodes_verified": nv, "accepted_ranks": ar} if args.tree is not None else {}),
             }
-            for p, t, a, q in zip(prompts, result.tokens, result.acceptance_lengths, result.proposal_lengths)
+            for p, t, a, q, nv, ar in zip(
+                prompts,
+                result.tokens,
+                result.acceptance_lengths,
+                result.proposal_lengths,
+                result.nodes_verified or [None] * len(prompts),
+                result.accepted_ranks or [None] * len(prompts),
+            )
         ],
         "tau": result.tau if draft is not None else 1.0,
+        **(_tree_stats(result) if args.tree is not None and draft is not None else {}),
         "new_tokens": result.new_tokens,
         "seconds": result.seconds,
         "tokens_per_s": tps,
@@ -198,13 +249,62 @@ def run(args: GenerateArgs) -> dict:
     }
 
 
-def _print_human(out: dict) -> None:
-    for p in out["prompts"]:
+def _tree_stats(result) -> dict:
+    """Tree rounds' totals (trees §9): nodes verified per round and tau per verified node (anchor included)."""
+    rounds = sum(len(r) for r in result.nodes_verified)
+    nodes = sum(map(sum, result.nodes_verified))
+    committed = sum(map(sum, result.acceptance_lengths))
+    return {
+        "nodes_verified_per_round": nodes / max(rounds, 1),
+        "tau_per_verified_node": committed / max(nodes + rounds, 1),
+    }
+
+
+def _tree(args: GenerateArgs):
+    """--tree / --tree-mode as a TreeConfig (None without --tree); raises UsageError on bad values."""
+    from dspark_jax.decoding.tree import MODES, TreeConfig
+
+    if args.tree_mode not in MODES:
+        raise UsageError(f"--tree-mode must be one of {', '.join(MODES)}, got {args.tree_mode!r}")
+    return None if args.tree is None else TreeConfig.parse(args.tree, args.tree_mode)
+
+
+def _text(ids: list[int], tokenizer) -> str:
+    return tokenizer.decode(ids) if tokenizer else " ".join(map(str, ids)) + " "
+
+
+class _StreamPrinter:
+    """generate()'s on_tokens for one prompt: prints the continuation as it grows. The whole continuation is
+    decoded each time and only the new suffix printed, so tokens that form one character together print once it
+    is complete (a trailing U+FFFD means an incomplete UTF-8 sequence: held back)."""
+
+    def __init__(self, tokenizer, prompt: str):
+        self.tokenizer, self.prompt, self.ids, self.shown = tokenizer, prompt, [], 0
+
+    def __call__(self, pieces: list[list[int]]) -> None:
+        if self.prompt is not None:  # printed once the request has passed validation and prefill
+            print(self.prompt, end="", flush=True)
+            self.prompt = None
+        self.ids += pieces[0]
+        text = _text(self.ids, self.tokenizer)
+        if text.endswith("\ufffd"):
+            return
+        print(text[self.shown :], end="", flush=True)
+        self.shown = len(text)
+
+    def close(self) -> None:
+        print(_text(self.ids, self.tokenizer)[self.shown :])
+
+
+def _print_human(out: dict, streamed: bool) -> None:
+    for p in [] if streamed else out["prompts"]:
         print(p["text"] if p["text"] is not None else " ".join(map(str, p["tokens"])))
         print("-" * 60)
     line = (
         f"tau {out['tau']:.2f} | {out['new_tokens']} tokens in {out['seconds']:.2f} s | {out['tokens_per_s']:.1f} tok/s"
     )
+    if "nodes_verified_per_round" in out:
+        line += f" | {out['nodes_verified_per_round']:.1f} nodes verified/round"
     if out["speedup"] is not None:
         line += f" | plain {out['plain_tokens_per_s']:.1f} tok/s | speedup {out['speedup']:.2f}x"
     print(line)
@@ -213,17 +313,20 @@ def _print_human(out: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
+    parallel = pop_parallel(ns)
     # The bare command is the demo: it also shows the speedup over plain decoding on the same prompt.
     args = GenerateArgs(**{**vars(ns), "compare": ns.compare or not argv})
+    if not args.no_compile_cache and __name__ == "__main__":  # a real CLI run, not main() called in a process
+        enable_compile_cache()
     try:
-        out = run(args)
+        out = run(args, mesh=parallel.start())
     except DSparkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(out))
     else:
-        _print_human(out)
+        _print_human(out, streamed=not args.no_stream and len(out["prompts"]) == 1)  # as run() decided
     return 0
 
 

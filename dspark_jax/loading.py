@@ -16,12 +16,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.loader import check_dtype, checkpoint_kind, convert_checkpoint, load_params
-from dspark_jax.checkpoints import load_calibration
-from dspark_jax.configs import DraftConfig, Qwen3Config, read_config_json
+from conversion.loader import (
+    check_dtype,
+    checkpoint_kind,
+    convert_checkpoint,
+    load_params,
+    refuse_legacy_mtp,
+    v4_draft_keys,
+)
+from dspark_jax.checkpoints import is_orbax_checkpoint, load_calibration
+from dspark_jax.configs import (
+    DeepseekV4Config,
+    DeepseekV4DraftConfig,
+    DraftConfig,
+    Gemma4Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+    read_config_json,
+)
 from dspark_jax.errors import DSparkError, UsageError
 from dspark_jax.hub import HUB_PATTERNS, resolve
-from dspark_jax.models import Draft, Qwen3
+from dspark_jax.models import DeepseekV4, DeepseekV4Draft, Draft, Gemma4, Qwen3, Qwen3Moe
 from dspark_jax.tokenizer import Tokenizer, stop_token_ids
 
 
@@ -100,10 +115,25 @@ class DraftHandle:
 
 
 def load_target(path_or_id: str, dtype: str = "bfloat16", mesh: jax.sharding.Mesh | None = None) -> Target:
-    """Load a Qwen3 target from a safetensors folder, an orbax folder (from conversion.convert) or a hub id."""
+    """Load a Qwen3, Qwen3-MoE or Gemma4 target from a safetensors folder, an orbax folder (from conversion.convert)
+    or a hub id."""
     folder = resolve(path_or_id)
     raw = read_config_json(folder)
     kind = checkpoint_kind(raw, os.path.join(folder, "config.json"))
+    if kind == "gemma4":  # Gemma4ForCausalLM, or the language model of Gemma4ForConditionalGeneration
+        config = Gemma4Config.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(check_dtype(dtype))
+        graphdef, state = load_params(folder, kind, Gemma4, config, mesh, path_or_id)
+        eos_config = raw if "eos_token_id" in raw else raw.get("text_config") or raw  # multimodal: in text_config
+        stops = stop_token_ids(folder, eos_config)
+        return Target(config, graphdef, state, folder, Tokenizer.maybe_load(folder), stops, mesh)
+    if kind == "qwen3_moe":  # the MoE layers dispatch over `mesh` in shard_map, so the model holds it (static)
+        config = Qwen3MoeConfig.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(check_dtype(dtype))
+        graphdef, state = load_params(folder, kind, functools.partial(Qwen3Moe, mesh=mesh), config, mesh, path_or_id)
+        return Target(config, graphdef, state, folder, Tokenizer.maybe_load(folder), stop_token_ids(folder, raw), mesh)
+    if kind == "deepseek_v4":  # either config dialect (V4 §1.2); the MoE dispatches over `mesh` like Qwen3-MoE
+        config = DeepseekV4Config.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(check_dtype(dtype))
+        graphdef, state = load_params(folder, kind, functools.partial(DeepseekV4, mesh=mesh), config, mesh, path_or_id)
+        return Target(config, graphdef, state, folder, Tokenizer.maybe_load(folder), stop_token_ids(folder, raw), mesh)
     if kind != "qwen3":
         raise UsageError(f"{path_or_id!r} is a {kind} draft, not a target; pass it as the draft")
     config = Qwen3Config.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(check_dtype(dtype))
@@ -111,18 +141,26 @@ def load_target(path_or_id: str, dtype: str = "bfloat16", mesh: jax.sharding.Mes
     return Target(config, graphdef, state, folder, Tokenizer.maybe_load(folder), stop_token_ids(folder, raw), mesh)
 
 
-def load_draft(path_or_id: str, target: Target) -> DraftHandle:
+def load_draft(path_or_id: str, target: Target, v4_options: dict | None = None) -> DraftHandle:
     """Load a DSpark / DFlash draft for `target`; its frozen embedding / LM-head copies are bound to the target's
     arrays (and must equal them when the checkpoint also stores them).
+
+    A DeepSeek-V4 -DSpark folder gives its own draft (mtp.*, V4 §4); `v4_options` then sets the V4 §5 port
+    switches of DeepseekV4DraftConfig (tap_point, block_causal, context_window, stage_rope, confidence_input,
+    router_eps), each defaulting to the listed default.
     """
     folder = resolve(path_or_id)
     raw = read_config_json(folder)
     kind = checkpoint_kind(raw, os.path.join(folder, "config.json"))
-    if kind == "qwen3":
+    if kind == "deepseek_v4":  # a -DSpark folder: the draft is mtp.* of the target's own files (V4 §4.2)
+        refuse_legacy_mtp(folder, path_or_id)
+        return _load_v4_draft(folder, raw, path_or_id, target, v4_options or {})
+    if kind in ("qwen3", "qwen3_moe", "gemma4"):
         raise UsageError(f"{path_or_id!r} is a target model, not a DSpark/DFlash draft")
-    if kind.endswith("_gemma4"):
+    if kind.endswith("_gemma4") and not isinstance(getattr(target, "config", None), Gemma4Config):
         raise UsageError(
-            f"{path_or_id!r} is a Gemma4 draft and this port has no Gemma4 target to bind it to; use load_gemma4_draft"
+            f"{path_or_id!r} is a Gemma4 draft; its target must be a Gemma4 model from load_target, got "
+            f"{type(getattr(target, 'config', target)).__name__} (load_gemma4_draft loads the draft alone)"
         )
     config = DraftConfig.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(target.config.param_dtype)
     if target.config.dtype != target.config.param_dtype:
@@ -136,9 +174,71 @@ def load_draft(path_or_id: str, target: Target) -> DraftHandle:
     return DraftHandle(config, graphdef, state, folder, calibration)
 
 
+def has_own_draft(path_or_id: str) -> bool:
+    """Whether a target checkpoint carries its own draft: a DeepSeek-V4 -DSpark safetensors folder (V4 §4)."""
+    folder = resolve(path_or_id)
+    raw = read_config_json(folder)
+    return (
+        checkpoint_kind(raw, os.path.join(folder, "config.json")) == "deepseek_v4"
+        and DeepseekV4DraftConfig.has_draft_fields(raw)
+        and not is_orbax_checkpoint(folder)
+    )
+
+
+def _port_switches(options: dict) -> dict:
+    """`load_draft`'s v4_options, checked by name (values are checked by DeepseekV4DraftConfig)."""
+    accepted = ("tap_point", "block_causal", "context_window", "stage_rope", "confidence_input", "router_eps")
+    bad = [k for k in options if k not in accepted]
+    if bad:
+        raise UsageError(f"v4_options has unknown switch {bad[0]!r}; accepted: {', '.join(accepted)}")
+    return dict(options)
+
+
+def _load_v4_draft(folder: str, raw: dict, source: str, target: Target, options: dict) -> DraftHandle:
+    """The DSpark draft stored under mtp.0..S-1 of a V4 -DSpark folder (V4 §4), bound to `target`'s embedding and
+    head; FP8 / FP4 tensors dequantise like the target's, params land on the target's mesh."""
+    if is_orbax_checkpoint(folder):
+        raise UsageError(
+            f"{source!r} is a converted DeepSeek-V4 target (orbax) without its draft; load the draft from the "
+            "-DSpark safetensors folder"
+        )
+    if not DeepseekV4DraftConfig.has_draft_fields(raw):
+        raise UsageError(
+            f"{source!r} is a DeepSeek-V4 checkpoint without a DSpark draft (no dspark_target_layer_ids in "
+            "config.json); pass a -DSpark checkpoint"
+        )
+    if not isinstance(getattr(target, "config", None), DeepseekV4Config):
+        raise UsageError(
+            f"{source!r} holds a DeepSeek-V4 draft; its target must be a DeepSeek-V4 model from load_target, got "
+            f"{type(getattr(target, 'config', target)).__name__}"
+        )
+    keys = v4_draft_keys(folder)
+    config = DeepseekV4DraftConfig.from_hf_dict(
+        raw,
+        os.path.join(folder, "config.json"),
+        model=target.config,  # the stages are target-shaped blocks (V4 §4.1)
+        enable_confidence_head=any(k.endswith(".confidence_head.proj.weight") for k in keys),  # iff its key exists
+        **_port_switches(options),
+    )
+    absent = [s for s in range(config.num_stages) if not any(k.startswith(f"mtp.{s}.") for k in keys)]
+    if absent:  # Q7: len(dspark_target_layer_ids) stages, each present
+        raise UsageError(
+            f"{source!r}: dspark_target_layer_ids names {config.num_stages} draft stages but mtp.{absent[0]} is "
+            f"missing (found stages {sorted({int(k.split('.')[1]) for k in keys})})"
+        )
+    t = target.state
+    head = t["embed"][...].T if target.config.tie_word_embeddings else t["head"][...]
+    bound = {("embed",): t["embed"][...], ("head",): head}
+    model_cls = functools.partial(DeepseekV4Draft, mesh=target.mesh)
+    graphdef, state = load_params(folder, "deepseek_v4_draft", model_cls, config, target.mesh, source, bound=bound)
+    calibration = load_calibration(folder, config.block_size) if config.enable_confidence_head else None
+    return DraftHandle(config, graphdef, state, folder, calibration)
+
+
 def load_gemma4_draft(path_or_id: str, dtype: str = "bfloat16", mesh: jax.sharding.Mesh | None = None) -> DraftHandle:
-    """Load a Gemma4DSparkModel draft on its own (spec §4.5): there is no JAX Gemma4 target to bind, so the frozen
-    embedding / LM-head copies come from the checkpoint, which must hold them (spec §5.3 allows either source).
+    """Load a Gemma4DSparkModel draft on its own (spec §4.5), without a target to bind: the frozen embedding /
+    LM-head copies come from the checkpoint, which must hold them (spec §5.3 allows either source). To decode, load
+    it with `load_draft(path, target)` against a Gemma4 target instead.
     """
     folder = resolve(path_or_id)
     raw = read_config_json(folder)
@@ -155,6 +255,7 @@ __all__ = [
     "DraftHandle",
     "load_target",
     "load_draft",
+    "has_own_draft",
     "load_gemma4_draft",
     "convert_checkpoint",
     "checkpoint_kind",

@@ -116,3 +116,46 @@ def calibration_metrics(z: np.ndarray, accepted: np.ndarray, proposed: np.ndarra
         for key in ("ece", "brier", "mean_prediction", "mean_label")
     }
     return {"per_slot": per_slot, "summary": summary}
+
+
+def reliability_bins(pred: np.ndarray, label: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """The reliability diagram of predictions against 0/1 labels: per equal-width bin (the ECE's bins) the count,
+    mean prediction and mean label (None for an empty bin)."""
+    pred, label = np.asarray(pred, np.float64), np.asarray(label, np.float64)
+    idx = np.minimum((pred * bins).astype(np.int64), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    sums_p, sums_l = np.bincount(idx, pred, bins), np.bincount(idx, label, bins)
+    return {
+        "count": count.tolist(),
+        "mean_prediction": [float(p / c) if c else None for p, c in zip(sums_p, count)],
+        "mean_label": [float(lab / c) if c else None for lab, c in zip(sums_l, count)],
+    }
+
+
+def calibration_reliability(z: np.ndarray, accepted: np.ndarray, proposed: np.ndarray, temperatures=None) -> list:
+    """Per slot j, reliability_bins of the prefix predictions s_j against the prefix labels 1[accepted > j], over
+    rounds that proposed slot j (the rounds calibration_metrics scores)."""
+    s = prefix_predictions(z, temperatures)
+    out = []
+    for j in range(z.shape[1]):
+        rows = proposed > j
+        out.append(reliability_bins(s[rows, j], (accepted[rows] > j).astype(np.float64)))
+    return out
+
+
+def macro_average(rows: list[dict], keys) -> dict:
+    """Unweighted mean over `rows` (one per benchmark, as the paper's Table 1 averages) of each key: scalars and
+    equal-length lists (elementwise); None values are left out of a mean, and a key with no value at all is None."""
+    out = {}
+    for key in keys:
+        values = [r.get(key) for r in rows if r.get(key) is not None]
+        if not values:
+            out[key] = None
+        elif isinstance(values[0], (list, tuple)):
+            cols = list(zip(*values))
+            out[key] = [
+                float(np.mean([v for v in c if v is not None])) if any(v is not None for v in c) else None for c in cols
+            ]
+        else:
+            out[key] = float(np.mean(values))
+    return out

@@ -102,6 +102,9 @@ def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(
         prog="python -m dspark_jax.regenerate",
         description="Regenerate responses with the target for draft training (spec §9.1.2).",
+        epilog="""example:
+  python -m dspark_jax.regenerate --target dspark_jax/assets/tiny_code/target \\
+      --data corpus/train.jsonl --out regen.jsonl""",
     )
     p.add_argument("--target", required=True, help="target folder or hub id")
     p.add_argument("--data", required=True, help="a .jsonl of token ids ({'input_ids' or 'ids': [...]} per line)")

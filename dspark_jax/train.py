@@ -29,7 +29,15 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def build_parser() -> OneLineArgumentParser:
     d = TrainConfig.__dataclass_fields__
-    p = OneLineArgumentParser(prog="python -m dspark_jax.train", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(
+        prog="python -m dspark_jax.train",
+        description=__doc__.splitlines()[0],
+        epilog="""examples:
+  python -m dspark_jax.train --mode draft --target dspark_jax/assets/tiny_code/target --data regen.jsonl \\
+      --output-dir runs/draft --draft-config draft.json   # draft.json: {"block_size": 7, "target_layer_ids": [0, 2, 4]}
+  python -m dspark_jax.train --mode target --target-config config.json --tokenizer tokenizer.json --data corpus \\
+      --output-dir runs/target""",
+    )
     p.add_argument("--mode", required=True, choices=MODES, help="draft: train a draft; target: train the target")
     p.add_argument("--target", help="target folder or hub id (the frozen teacher, or the model trained in mode target)")
     p.add_argument(

@@ -6,6 +6,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a device run sets JAX_PLATFORMS=cuda for the gpu-marked tests
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLIs' persistent compilation cache: one fresh folder per test session (subprocess CLIs inherit it), never the
+# user's cache.
+os.environ.setdefault("DSPARK_COMPILE_CACHE", __import__("tempfile").mkdtemp(prefix="dspark-xla-"))
 
 import json  # noqa: E402
 import pathlib  # noqa: E402

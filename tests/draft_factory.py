@@ -100,8 +100,9 @@ def bigram_table(sequences) -> dict[int, int]:
     return {a: max(c, key=lambda k: (c[k], -k)) for a, c in counts.items()}
 
 
-def linear_round_seconds(target, draft, batch, cache_len, widths, sampling) -> tuple[np.ndarray, float]:
+def linear_round_seconds(target, draft, prep) -> tuple[np.ndarray, float]:
     """A stand-in for `loop.round_seconds_table` (same signature) that does not depend on this machine's timings:
-    a round costs 1 + 0.5 per extra position of the whole batch, so the scheduler cuts blocks at varied lengths;
-    a round without the draft costs 1 (drafting costs half a pass)."""
-    return (1.5 + 0.5 * np.arange(batch * widths[-1] + 1) / batch).astype(np.float32), 1.0
+    a round at width w costs 1.5 + 0.5 (w - 1) (drafting costs half a pass), a round without the draft 1, so the
+    scheduler's plan varies with the confidences."""
+    widths = np.asarray(prep.spec.widths, np.float32)
+    return 1.5 + 0.5 * (widths - 1), 1.0

@@ -63,10 +63,10 @@ def test_bench_tiny_shape_writes_every_field(tmp_path, capsys):
     assert entry["speedup"] > 0 and entry["prefill_excluded"]
     split, plain_split = entry["split"], entry["plain_split"]
     parts = ("draft_backbone_s", "sequential_head_s", "verify_s", "accept_commit_s")
-    assert all(split[k] >= 0 for k in parts) and split["verify_s"] > 0
+    assert all(split[k] >= 0 for k in parts)  # differences of timings: 0 when noise hides a piece
     assert split["pieces_sum_s"] == pytest.approx(sum(split[k] for k in parts))
     assert split["round_s"] > 0 and split["prefill_s"] > 0 and "loop_overhead_s" in split
-    assert plain_split["verify_s"] > 0 and plain_split["step_s"] > 0 and "draft_backbone_s" not in plain_split
+    assert plain_split["verify_s"] >= 0 and plain_split["step_s"] > 0 and "draft_backbone_s" not in plain_split
     assert entry["round_s"] == split["round_s"] and entry["plain_step_s"] == plain_split["step_s"]
     taus = {str(t) for t in bench.PAPER_TAUS}
     assert set(entry["projected_speedup"]) == taus and set(entry["projected_tokens_per_s"]) == taus

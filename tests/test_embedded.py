@@ -8,7 +8,7 @@ import pytest
 from conftest import rel_err
 
 import dspark_jax as dj
-from dspark_jax.generate import ASSETS, DEFAULT_PROMPT, main
+from dspark_jax.generate import ASSETS, DEFAULT_PROMPT, build_parser, main
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(ASSETS), reason="embedded pair not built")
 
@@ -58,3 +58,18 @@ def test_main_command_runs_the_pair(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["new_tokens"] == 24 and out["tau"] >= 1.0
     assert out["prompts"][0]["text"]
+
+
+def test_main_command_streams_the_same_text(capsys):
+    """Without --json the CLI prints the prompt, then the continuation as rounds complete; the printed text is the
+    one --json reports (streaming runs the same compiled loop over the same rounds)."""
+    argv = ["--prompt", "def parse(path):\n", "--max-new-tokens", "24"]
+    assert main(argv + ["--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["prompts"][0]["text"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def parse(path):\n" + text + "\n" + "-" * 60 + "\n"), out
+    assert main(argv + ["--no-stream"]) == 0
+    assert capsys.readouterr().out.startswith(text + "\n" + "-" * 60 + "\n")
+    help_text = build_parser().format_help()
+    assert "--no-stream" in help_text and "examples:" in help_text

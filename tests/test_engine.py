@@ -11,7 +11,7 @@ from draft_factory import random_draft
 
 import dspark_jax as dj
 from dspark_jax.decoding import loop
-from dspark_jax.decoding.schedule import PROBE_EVERY
+from dspark_jax.decoding.schedule import MAX_PROBE_EVERY, PROBE_EVERY
 from dspark_jax.errors import UsageError
 
 
@@ -122,21 +122,44 @@ def test_batch_beyond_largest_bucket(tiny):
 @pytest.mark.parametrize("plain_seconds", [0.1, 100.0])
 def test_scheduler_gate(tiny, monkeypatch, plain_seconds):
     """A cost table where plain decoding is far faster than any drafting round: after the first round the draft
-    runs only as a probe every PROBE_EVERY rounds (and the output stays plain greedy); where plain decoding is far
-    slower, every round drafts."""
+    runs only as a probe, at intervals that double from PROBE_EVERY while probes do not pay (and the output stays
+    plain greedy); where plain decoding is far slower, every round drafts."""
     draft = random_draft(tiny, block_size=3, num_layers=1, markov_rank=8, confidence=True, seed=2)
 
-    def table(target, draft, batch, cache_len, widths, sampling):
-        return (1.0 + 0.5 * np.arange(batch * widths[-1] + 1) / batch).astype(np.float32), plain_seconds
+    def table(target, draft, prep):
+        return 1.0 + 0.5 * np.asarray(prep.spec.widths, np.float32), plain_seconds
 
     monkeypatch.setattr(loop, "round_seconds_table", table)
     prompts = _prompts(np.random.default_rng(4), 2)
-    plain = dj.generate(tiny, None, prompts, max_new_tokens=30)
-    out = dj.generate(tiny, draft, prompts, max_new_tokens=30, verify="scheduler")
+    plain = dj.generate(tiny, None, prompts, max_new_tokens=60)
+    out = dj.generate(tiny, draft, prompts, max_new_tokens=60, verify="scheduler")
     assert out.tokens == plain.tokens
     for confidences in out.confidence_logits:
         drafted = [i for i, z in enumerate(confidences) if any(z)]  # skipped rounds record zero confidences
         if plain_seconds < 1:
-            assert drafted == list(range(0, len(confidences), PROBE_EVERY + 1)), drafted
+            want, interval = [0], PROBE_EVERY
+            while True:
+                interval = min(2 * interval, MAX_PROBE_EVERY)
+                if want[-1] + interval + 1 >= len(confidences):
+                    break
+                want.append(want[-1] + interval + 1)
+            assert drafted == want, drafted
         else:
             assert drafted == list(range(len(confidences)))
+
+
+@pytest.mark.parametrize("verify", ["full", "scheduler"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_streaming_gives_the_same_tokens(tiny, verify, temperature):
+    """generate(on_tokens=...) runs STREAM_ROUNDS rounds per call of the same compiled loop: the streamed pieces
+    add up to the result, and the result equals one call's, greedy and sampled with a fixed seed."""
+    draft = random_draft(tiny, block_size=3, num_layers=1, markov_rank=8, confidence=True, seed=2)
+    prompts = _prompts(np.random.default_rng(5), 3)
+    kw = dict(max_new_tokens=40, temperature=temperature, seed=7, verify=verify)
+    whole = dj.generate(tiny, draft, prompts, **kw)
+    pieces = []
+    streamed = dj.generate(tiny, draft, prompts, on_tokens=pieces.append, **kw)
+    assert streamed.tokens == whole.tokens
+    assert streamed.acceptance_lengths == whole.acceptance_lengths
+    assert len(pieces) > 2
+    assert [sum((p[i] for p in pieces), []) for i in range(len(prompts))] == whole.tokens

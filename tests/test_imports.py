@@ -26,6 +26,9 @@ LAYERS = {
     "dspark_jax.metrics": 4,  # numpy only
     "dspark_jax.tokenizer": 4,
     "dspark_jax.cli_util": 4,  # argparse plumbing (also used by training.corpus's CLI)
+    "dspark_jax.memory_plan": 4,  # bytes per device of params and caches for a mesh; configs only
+    "dspark_jax.eval_data": 4,  # evaluation prompt sets: benchmark names, hub datasets, local JSONL
+    "dspark_jax.plots": 4,  # matplotlib figures of evaluation results
     "dspark_jax.decoding": 5,  # never training, conversion or CLIs
     "dspark_jax.training": 5,  # never decoding
     "conversion": 5,  # reads param trees from models, writes through checkpoints; never decoding or training
@@ -47,6 +50,7 @@ SHARED = (
     "dspark_jax.cache",
     "dspark_jax.sampling",
     "dspark_jax.hub",
+    "dspark_jax.distributed",  # jax.distributed.initialize + the CLI mesh; imports errors and sharding only
 )
 # Rows that only the listed rows (and themselves) may import, whatever the layers say.
 ONLY_IMPORTED_BY = {"pallas_kernels": ("dspark_jax.ops",)}

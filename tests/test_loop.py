@@ -223,8 +223,9 @@ def test_greedy_lossless_scheduler(tiny, prompts, plain, bigram_drafts, monkeypa
     result = dj.generate(tiny, draft, prompts, max_new_tokens=MAX_NEW, verify="scheduler")
     assert result.tokens == plain.tokens
     assert_stats(result, prompts, 4, MAX_NEW)
-    table = loop.prepare(tiny, draft, prompts, max_new_tokens=MAX_NEW, verify="scheduler").round_seconds
-    assert table.shape == (len(prompts) * 5 + 1,) and table[0] > 0 and np.all(np.diff(table) >= 0)
+    prep = loop.prepare(tiny, draft, prompts, max_new_tokens=MAX_NEW, verify="scheduler")
+    assert prep.width_seconds.shape == (len(prep.spec.widths),) and np.all(prep.width_seconds > 0)
+    assert prep.plain_seconds > 0
     cold = dataclasses.replace(draft, calibration=np.full(4, 0.25, np.float32))  # confidences pushed to 0 / 1
     monkeypatch.setattr(loop, "round_seconds_table", linear_round_seconds)
     result = dj.generate(tiny, cold, prompts, max_new_tokens=MAX_NEW, verify="scheduler")

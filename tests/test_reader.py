@@ -52,6 +52,7 @@ TORCH_DTYPES = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
 }
 
 
@@ -506,7 +507,7 @@ def test_manifest_names():
         f"{kind}qwen3-{s}{suffix}"
         for s in SIZES
         for kind, suffix in (("", ""), ("dspark-", "-block7"), ("dflash-", "-block7"))
-    }
+    } | {f"deepseek-v4-{s}{d}" for s in ("flash", "pro") for d in ("", "-dspark")}
     assert set(list_manifests()) == expected
     with pytest.raises(UsageError) as e:
         load_manifest("qwen3-70b")

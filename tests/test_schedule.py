@@ -1,6 +1,7 @@
-"""Verify policies (spec §6.5, §11) and confidence calibration (spec §7.3, §10): the prefix scheduler against a
-literal reading of the spec, its causality, temperature fitting, calibration metrics and files."""
+"""Verify policies (spec §6.5, §11) and confidence calibration (spec §7.3, §10): the scheduler's width plan against a
+literal one, its draft gate, temperature fitting, calibration metrics and files."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -10,70 +11,69 @@ import pytest
 import dspark_jax as dj
 from dspark_jax import metrics
 from dspark_jax.decoding import calibration
-from dspark_jax.decoding.schedule import scheduled_num_to_verify
+from dspark_jax.decoding.schedule import (
+    MAX_PROBE_EVERY,
+    PROBE_EVERY,
+    SchedulerState,
+    plan_width,
+    prefix_confidences,
+)
 
 
-def walk(z, temps, live, seconds):
-    """Spec §11's greedy causal procedure, written out literally (per-request lengths, running best, early stop)."""
-    s = np.cumprod(1 / (1 + np.exp(-np.asarray(z, np.float64) / temps)), axis=1)
-    s[~live] = 0.0
-    k = np.zeros(len(z), np.int64)
-    committed = float(live.sum())
-    best = committed / seconds[live.sum()]
-    pool = sorted(
-        ((s[r, j], r, j) for r in range(len(z)) for j in range(z.shape[1])), key=lambda c: (-c[0], c[1], c[2])
-    )
-    for value, r, j in pool:
-        assert k[r] == j  # descending s extends each request's prefix contiguously
-        k[r] += 1
-        committed += value
-        theta = committed / seconds[live.sum() + k.sum()]
-        if theta > best:
-            best = theta
-        else:
-            k[r] -= 1
-            break
-    return k
+def best_width(s, live, widths, seconds):
+    """The width plan written out: for each compiled width, every live row verifies its first w - 1 drafts and
+    expects 1 + their prefix confidences; pick the width with the highest expected tokens per second."""
+    best, best_theta = None, -1.0
+    for i, w in enumerate(widths):
+        expected = sum(1 + sum(s[r, : w - 1]) for r in range(len(s)) if live[r])
+        if expected / seconds[i] > best_theta:
+            best, best_theta = i, expected / seconds[i]
+    return best, best_theta
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_scheduler_matches_the_spec_walk(seed):
+def test_plan_width_matches_the_literal_plan(seed):
     rng = np.random.default_rng(seed)
-    batch, slots = int(rng.integers(1, 5)), int(rng.integers(1, 8))
+    batch, slots = int(rng.integers(1, 6)), 7
+    widths = np.array([1, 2, 4, 8])
     z = rng.normal(0.5, 2.0, size=(batch, slots)).astype(np.float32)
     temps = rng.uniform(0.5, 2.0, size=slots).astype(np.float32)
+    s = np.asarray(prefix_confidences(jnp.asarray(z), jnp.asarray(temps)))
     live = rng.random(batch) < 0.8
-    seconds = np.cumsum(rng.uniform(0.0, 0.3, size=batch * (slots + 1) + 1)).astype(np.float32) + 1.0
-    got, _ = scheduled_num_to_verify(jnp.asarray(z), jnp.asarray(temps), jnp.asarray(live), jnp.asarray(seconds))
-    np.testing.assert_array_equal(np.asarray(got), walk(z, temps, live, seconds.astype(np.float64)))
+    seconds = np.cumsum(rng.uniform(0.1, 1.0, size=4)).astype(np.float32)
+    idx, theta = plan_width(jnp.asarray(s), jnp.asarray(live), jnp.asarray(widths), jnp.asarray(seconds))
+    want, want_theta = best_width(s.astype(np.float64), live, widths, seconds.astype(np.float64))
+    assert int(idx) == want
+    assert float(theta) == pytest.approx(want_theta, rel=1e-5)
 
 
-def test_scheduler_extremes():
-    z = jnp.array([[3.0, 2.0, 0.0, -1.0], [1.0, 1.0, 1.0, 1.0]])
-    ones, live = jnp.ones(4), jnp.array([True, True])
-    verify = lambda seconds, live=live: np.asarray(scheduled_num_to_verify(z, ones, live, jnp.asarray(seconds))[0])  # noqa: E731
-    np.testing.assert_array_equal(verify([1.0] * 11), [4, 4])  # free verification: everything
-    np.testing.assert_array_equal(verify(np.arange(11.0)), [0, 0])  # cost proportional to tokens: nothing pays
-    # 0.1 s per token: candidates s = .95 .84 .73 .53 .42 .39 pay for themselves, the next (.29) does not
-    np.testing.assert_array_equal(verify(np.r_[1.0, 1.0, 1.0 + 0.1 * np.arange(1, 10)]), [3, 3])
-    np.testing.assert_array_equal(verify([1.0] * 11, jnp.array([True, False])), [4, 0])  # finished rows: nothing
+def test_plan_width_extremes():
+    widths = jnp.array([1, 2, 4, 8])
+    s = jnp.asarray(np.cumprod(np.full((2, 7), 0.9), axis=1), jnp.float32)
+    live = jnp.array([True, True])
+    pick = lambda seconds, s=s: int(plan_width(s, live, widths, jnp.asarray(seconds, jnp.float32))[0])  # noqa: E731
+    assert pick([1.0, 1.0, 1.0, 1.0]) == 3  # free verification: the whole block
+    assert pick([1.0, 2.0, 4.0, 8.0]) == 0  # cost proportional to the width: no drafts pay
+    assert pick([1.0, 1.5, 2.0, 8.0]) == 2  # 2 rows x (1 + .9 + .81 + .73) / 2 beats the rest
+    assert pick([1.0, 1.0, 1.0, 1.0], jnp.zeros((2, 7))) == 0  # hopeless drafts: the cheapest (first) width
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_scheduler_is_causal(seed):
-    """Whether slot j is verified never depends on the confidences of slots after j (spec §11): changing them
-    leaves min(k, j + 1) unchanged."""
-    rng = np.random.default_rng(100 + seed)
-    slots = 7
-    z = rng.normal(1.0, 2.0, size=(1, slots)).astype(np.float32)
-    seconds = jnp.asarray(np.cumsum(rng.uniform(0.0, 0.2, size=slots + 2)) + 1.0, jnp.float32)  # batch 1
-    args = (jnp.ones(slots), jnp.array([True]), seconds)
-    k = int(scheduled_num_to_verify(jnp.asarray(z), *args)[0][0])
-    for j in range(slots - 1):
-        changed = z.copy()
-        changed[0, j + 1 :] = rng.normal(1.0, 4.0, size=slots - j - 1)
-        k2 = int(scheduled_num_to_verify(jnp.asarray(changed), *args)[0][0])
-        assert min(k, j + 1) == min(k2, j + 1), (j, k, k2)
+def test_gate_backs_off_and_resets():
+    sched = SchedulerState.initial(np.ones(3), [1.0, 1.0], 1.0, 2)
+    assert bool(sched.drafting) and int(sched.probe_every) == PROBE_EVERY
+    off = sched.after_round(jnp.float32(1.0), jnp.int32(2))  # 1 token/s against plain's 2: stop drafting
+    assert not bool(off.drafting) and int(off.probe_every) == 2 * PROBE_EVERY
+    for _ in range(2 * PROBE_EVERY - 1):
+        off = off.after_round(jnp.float32(0.0), jnp.int32(2))
+        assert not bool(off.drafting)
+    probe = off.after_round(jnp.float32(0.0), jnp.int32(2))
+    assert bool(probe.drafting)  # the probe round
+    assert int(probe.after_round(jnp.float32(1.0), jnp.int32(2)).probe_every) == 4 * PROBE_EVERY  # still no
+    assert int(probe.after_round(jnp.float32(3.0), jnp.int32(2)).probe_every) == PROBE_EVERY  # pays again
+    capped = dataclasses.replace(sched, probe_every=jnp.int32(MAX_PROBE_EVERY))
+    assert int(capped.after_round(jnp.float32(0.0), jnp.int32(2)).probe_every) == MAX_PROBE_EVERY
+    forced = SchedulerState.initial(np.ones(3), [1.0, 1.0], 1.0, 2, forced=1)
+    assert bool(forced.after_round(jnp.float32(0.0), jnp.int32(2)).drafting)  # measuring: the draft stays on
 
 
 # ------------------------------------------------------------------------------------------------- calibration

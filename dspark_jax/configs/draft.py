@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from dspark_jax.configs._common import _positive, _require
-from dspark_jax.configs.gemma4 import Gemma4DraftGeometry
+from dspark_jax.configs.gemma4 import Gemma4Config, Gemma4DraftGeometry
 from dspark_jax.configs.qwen3 import Qwen3Config
 from dspark_jax.errors import UsageError
 
@@ -120,16 +120,24 @@ class DraftConfig:
             d["confidence_head_with_markov"] = self.confidence_head_with_markov
         return d
 
-    def check_target(self, target: Qwen3Config) -> None:
+    def check_target(self, target: Qwen3Config | Gemma4Config) -> None:
         """Raise a one-line UsageError when this draft cannot run against `target` (spec §3.2)."""
+        gemma4_target = isinstance(target, Gemma4Config)
+        if gemma4_target != (self.gemma4 is not None):
+            raise UsageError(
+                f"this is a {self.flavour}-flavour draft but the target is a {'Gemma4' if gemma4_target else 'Qwen3'} "
+                "model: this draft belongs to another target family"
+            )
+        # A Gemma4 draft inherits the full-attention layers' head dim / KV heads (spec §4.5).
+        head_dim, kv_heads = target.draft_geometry if gemma4_target else (target.head_dim, target.num_key_value_heads)
         pairs = [
             ("hidden_size", self.model.hidden_size, target.hidden_size),
             ("vocab_size", self.model.vocab_size, target.vocab_size),
             ("num_target_layers", self.num_target_layers, target.num_hidden_layers),
             # The draft inherits the target's attention geometry (spec §3.2); a mismatch means another target.
             ("num_attention_heads", self.model.num_attention_heads, target.num_attention_heads),
-            ("num_key_value_heads", self.model.num_key_value_heads, target.num_key_value_heads),
-            ("head_dim", self.model.head_dim, target.head_dim),
+            ("num_key_value_heads", self.model.num_key_value_heads, kv_heads),
+            ("head_dim", self.model.head_dim, head_dim),
         ]
         for name, mine, theirs in pairs:
             if mine != theirs:

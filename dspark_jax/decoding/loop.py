@@ -17,11 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.configs import SamplingConfig, VerifyPolicy
+from dspark_jax.configs import Qwen3Config, SamplingConfig, VerifyPolicy
 from dspark_jax.decoding.prefill import prefill_prompts
 from dspark_jax.decoding.propose import propose
-from dspark_jax.decoding.schedule import SchedulerState, num_to_verify, policy_threshold, scheduled_num_to_verify
+from dspark_jax.decoding.schedule import (
+    SchedulerState,
+    num_to_verify,
+    plan_width,
+    policy_threshold,
+    prefix_confidences,
+)
 from dspark_jax.decoding.state import DecodeState
+from dspark_jax.decoding.tree import TreeConfig
 from dspark_jax.decoding.verify import accept, target_pass
 from dspark_jax.errors import UsageError
 from dspark_jax.sampling import SamplingParams, draw, first_argmax, probabilities
@@ -29,6 +36,7 @@ from dspark_jax.sampling import SamplingParams, draw, first_argmax, probabilitie
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 256
 BATCH_BUCKETS = tuple(1 << i for i in range(13))  # 1 .. 4096 rows
+STREAM_ROUNDS = 4  # rounds per jitted call when generate() streams its output
 STOP_SLOTS = 4  # stop ids are padded with -1 to a multiple of this, so their number rarely changes the shapes
 
 
@@ -48,6 +56,7 @@ class LoopSpec:
     # target's work on the cut rows. `full` needs only the whole block.
     verify_widths: tuple[int, ...] = ()
     scheduler: bool = False  # verify="scheduler": drafts to verify from the cost-aware prefix scheduler (spec §11)
+    tree: TreeConfig | None = None  # tree rounds (trees §7); verify_widths then count tree rows (anchor + nodes)
 
     @property
     def width(self) -> int:
@@ -71,6 +80,10 @@ class GenerateResult:
     # empty for plain decoding). With full-block verification these and acceptance_lengths are the calibration
     # data of spec §10.
     confidence_logits: list[list[list[float]]] = dataclasses.field(default_factory=list)
+    # Tree rounds only (trees §5, §9): per prompt, per round, the nodes verified and the sibling rank of each
+    # accepted node along the path (empty for chains).
+    nodes_verified: list[list[int]] = dataclasses.field(default_factory=list)
+    accepted_ranks: list[list[list[int]]] = dataclasses.field(default_factory=list)
 
     @property
     def new_tokens(self) -> int:
@@ -147,11 +160,16 @@ def prefill(
         proposals=zeros,
         confidences=None if draft_def is None else jnp.zeros((bsz, spec.max_rounds, spec.block_size), jnp.float32),
         scheduler=scheduler,
+        accepted_ranks=None if spec.tree is None else jnp.full((bsz, spec.max_rounds, spec.block_size), -1, jnp.int32),
     )
 
 
 def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
     """One propose -> verify -> accept -> commit step for every row; rows already done are left unchanged."""
+    if spec.tree is not None:
+        from dspark_jax.decoding.tree_loop import tree_round  # it uses this module's commit step
+
+        return tree_round(target, draft, state, spec)
     keys, draft_keys, accept_keys = _row_keys(state.keys)
     anchor_pos = state.lengths - 1
     anchors = state.tokens[jnp.arange(anchor_pos.shape[0]), anchor_pos]
@@ -200,15 +218,22 @@ def _num_proposed(state: DecodeState, spec: LoopSpec, proposal) -> jax.Array:
 
 
 def _scheduled_proposal(state: DecodeState, spec: LoopSpec, propose_args, draft_keys):
-    """verify="scheduler": propose, let the prefix scheduler choose how many drafts per row to verify (0 is allowed
-    for any row), and record in the gate whether that plan beats plain decoding (spec §11 with a plain option).
+    """verify="scheduler": propose, verify every row's drafts up to the width planned from the rows' previous
+    confidences (`plan_width`; 0 drafts when width 1 pays best), and record in the gate whether the best plan under
+    this round's confidences beats plain decoding (spec §11 with a plain option).
 
     Returns (proposal, draft cache, num_proposed i32[batch], the updated SchedulerState).
     """
     sched = state.scheduler
     live = ~state.done
+    widths = jnp.asarray(spec.widths, jnp.int32)
     proposal, cache = propose(*propose_args, draft_keys)
-    k, theta = scheduled_num_to_verify(proposal.confidence_logits, sched.temperatures, live, sched.round_seconds)
+    planned, _ = plan_width(sched.prior, live, widths, sched.width_seconds)
+    planned = jnp.where(sched.forced >= 0, sched.forced, planned)
+    s = prefix_confidences(proposal.confidence_logits, sched.temperatures)
+    _, theta = plan_width(s, live, widths, sched.width_seconds)
+    sched = dataclasses.replace(sched, prior=jnp.where(live[:, None], s, sched.prior))
+    k = jnp.full(live.shape, widths[planned] - 1, jnp.int32)
     return proposal, cache, jnp.minimum(k, _room(state, spec)), sched.after_round(theta, jnp.sum(live))
 
 
@@ -278,12 +303,14 @@ def _accept_and_commit(
     keys,
     accept_keys,
     num_proposed=None,
+    outcome=None,
 ) -> DecodeState:
     """Acceptance (spec §6.6) and the state update (§6.7) after the target pass of a round.
 
     proposal: the round's Proposal (None for plain decoding); logits f32[batch, width, vocab] and taps from the
     target pass; target_cache / draft_cache with the round's rows written; keys: the rows' next keys;
-    num_proposed: i32[batch] drafts to verify (default: the verify policy's cut).
+    num_proposed: i32[batch] drafts to verify (default: the verify policy's cut); outcome: (accepted, next_token)
+    decided by the caller (tree rounds, trees §5: `proposal.tokens` is then the accepted path, `taps` its rows).
     """
     bsz = state.lengths.shape[0]
     rows = jnp.arange(bsz)
@@ -296,7 +323,10 @@ def _accept_and_commit(
         drafts = proposal.tokens
         if num_proposed is None:
             num_proposed = _num_proposed(state, spec, proposal)
-        accepted, next_token = accept(state.sampling, drafts, proposal.probs, num_proposed, logits, accept_keys)
+        if outcome is not None:
+            accepted, next_token = outcome
+        else:
+            accepted, next_token = accept(state.sampling, drafts, proposal.probs, num_proposed, logits, accept_keys)
     # Stop tokens among the accepted drafts end the row there, without an extra token (spec §6.6).
     has_stop = jnp.zeros((bsz,), bool)
     if spec.block_size:
@@ -352,34 +382,48 @@ def _accept_and_commit(
 
 
 @functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "spec"), donate_argnames=("state",))
-def decode_loop(target_def, target_state, draft_def, draft_state, state: DecodeState, *, spec: LoopSpec) -> DecodeState:
-    """All rounds in one lax.while_loop; `state` is donated (its buffers are reused in place).
+def decode_loop(
+    target_def, target_state, draft_def, draft_state, state: DecodeState, max_rounds: jax.Array, *, spec: LoopSpec
+) -> DecodeState:
+    """Rounds in one lax.while_loop until every row is done or `max_rounds` (i32[], data) rounds have run in this
+    call; `state` is donated (its buffers are reused in place). Calling it again on the result continues exactly
+    where it stopped (streaming output, timing a fixed number of rounds): the rounds are the same either way.
 
-    Stops when every row is done; nothing syncs with the host inside. With verify="scheduler" the rounds alternate
-    between two inner loops: speculative rounds while the scheduler's gate says drafting pays, plain rounds (no
-    draft work but one context row) while it does not, so a batch where speculation loses runs near plain speed.
+    Nothing syncs with the host inside. With verify="scheduler" the rounds alternate between two inner loops:
+    speculative rounds while the scheduler's gate says drafting pays, plain rounds (no draft work but one context
+    row) while it does not, so a batch where speculation loses runs near plain speed.
     """
+
+    def more(carry):
+        s, n = carry
+        return ~jnp.all(s.done) & (n < max_rounds)
+
+    def counted(round_fn):
+        return lambda carry: (round_fn(carry[0]), carry[1] + 1)
 
     def body(s):
         target = nnx.merge(target_def, target_state)
         draft = None if draft_def is None else nnx.merge(draft_def, draft_state)
         return _round(target, draft, s, spec)
 
-    def running(s):
-        return ~jnp.all(s.done)
-
+    start = (state, jnp.zeros((), jnp.int32))
     if not spec.scheduler:
-        return jax.lax.while_loop(running, body, state)
+        return jax.lax.while_loop(more, counted(body), start)[0]
 
     def plain_body(s):
         return _plain_round(nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state), s, spec)
 
-    def phases(s):
-        s = jax.lax.while_loop(lambda s: running(s) & s.scheduler.drafting, body, s)
-        s = _flush_pending(nnx.merge(draft_def, draft_state), s)
-        return jax.lax.while_loop(lambda s: running(s) & ~s.scheduler.drafting, plain_body, s)
+    def flush(s):
+        return _flush_pending(nnx.merge(draft_def, draft_state), s)
 
-    return jax.lax.while_loop(running, phases, state)
+    def phases(carry):
+        carry = jax.lax.while_loop(lambda c: more(c) & c[0].scheduler.drafting, counted(body), carry)
+        # Only when the gate closed (not when the call's round budget ran out), so that splitting the rounds over
+        # several calls leaves the state exactly as one call would.
+        s = jax.lax.cond(carry[0].scheduler.drafting, lambda s: s, flush, carry[0])
+        return jax.lax.while_loop(lambda c: more(c) & ~c[0].scheduler.drafting, counted(plain_body), (s, carry[1]))
+
+    return jax.lax.while_loop(more, phases, start)[0]
 
 
 def _bucket(n: int, floor: int) -> int:
@@ -421,6 +465,35 @@ def _check_prompts(prompts, vocab: int, context_len: int) -> list[list[int]]:
     return out
 
 
+def _check_tree(tree, draft, policy: VerifyPolicy, target_config) -> TreeConfig | None:
+    """generate's `tree` argument as a TreeConfig (None = chain rounds), checked against the target, draft and
+    policy."""
+    if tree is None:
+        return None
+    if not isinstance(target_config, Qwen3Config):  # Qwen3MoeConfig is one
+        why = {
+            "DeepseekV4Config": "its compressors consume tokens in sequence, so a tree needs its own design",
+            "Gemma4Config": "its per-layer-type caches have no tree compaction yet",
+        }.get(type(target_config).__name__, "its attention takes no tree mask")
+        raise UsageError(
+            f"tree decoding is not supported for a {type(target_config).__name__} target: {why} "
+            "(accepted: Qwen3 and Qwen3-MoE targets; use chain decoding, tree=None)"
+        )
+    if isinstance(tree, str):
+        tree = TreeConfig.parse(tree)
+    if not isinstance(tree, TreeConfig):
+        raise UsageError(f"tree must be a TreeConfig or 'N[,K[,W]]', got {tree!r}")
+    if draft is None:
+        raise UsageError("tree decoding needs a draft; plain decoding accepts tree=None only")
+    if policy.kind == "scheduler":
+        raise UsageError("verify 'scheduler' is not available with trees yet (accepted: full, threshold:X)")
+    block = draft.config.block_size
+    tree.check(block)
+    if tree.temperatures is None and draft.calibration is not None:
+        tree = dataclasses.replace(tree, temperatures=tuple(float(t) for t in np.asarray(draft.calibration)))
+    return tree
+
+
 def _per_prompt(name: str, value, n: int) -> list:
     """A generate() setting given once (for every prompt) or as a list with one value per prompt."""
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -448,21 +521,17 @@ class Prepared:
     max_new_tokens: int
     num_prompts: int
     temperatures: np.ndarray | None = None  # f32[block], verify="scheduler" only
-    round_seconds: np.ndarray | None = None  # f32[batch * (block + 1) + 1], verify="scheduler" only
+    width_seconds: np.ndarray | None = None  # f32[len(spec.widths)] round seconds per width, "scheduler" only
     plain_seconds: float | None = None  # a round without the draft, verify="scheduler" only
 
-    def scheduler_state(self) -> SchedulerState:
-        """The scheduler's initial state: the draft runs in the first round."""
-        return SchedulerState(
-            jnp.asarray(self.temperatures, jnp.float32),
-            jnp.asarray(self.round_seconds, jnp.float32),
-            jnp.float32(self.plain_seconds),
-            jnp.bool_(True),
-            jnp.int32(0),
-        )
-
-    def prefill(self, target, draft) -> DecodeState:
-        """Run `prefill` for this batch (draft None: plain decoding)."""
+    def prefill(self, target, draft, **scheduler) -> DecodeState:
+        """Run `prefill` for this batch (draft None: plain decoding). `scheduler`: keyword arguments of
+        SchedulerState.initial (the draft runs in the first round unless told otherwise)."""
+        sched = None
+        if self.spec.scheduler:
+            sched = SchedulerState.initial(
+                self.temperatures, self.width_seconds, self.plain_seconds, len(self.prompt_lens), **scheduler
+            )
         draft_def, draft_state = (None, None) if draft is None else (draft.graphdef, draft.state)
         return prefill(
             target.graphdef,
@@ -476,7 +545,7 @@ class Prepared:
             jnp.asarray(self.stop_ids),
             jnp.asarray(self.thresholds),
             jax.tree.map(jnp.asarray, self.sampling),
-            None if self.round_seconds is None else self.scheduler_state(),
+            sched,
             spec=self.spec,
         )
 
@@ -492,12 +561,15 @@ def prepare(
     seed: int = 0,
     verify: str = "full",
     stop_token_ids=None,
+    tree=None,
 ) -> Prepared:
     """Validate `generate`'s arguments (raising UsageError) and build the loop's spec and inputs.
 
-    temperature, top_p and top_k take one value for every prompt or a list with one per prompt.
+    temperature, top_p and top_k take one value for every prompt or a list with one per prompt. tree: None (chain),
+    a TreeConfig or its CLI form "N[,K[,W]]".
     """
     policy = VerifyPolicy.parse(verify)
+    tree = _check_tree(tree, draft, policy, target.config)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -544,10 +616,14 @@ def prepare(
     limits = np.ones((batch,), np.int32)
     limits[:n] = np.minimum(lens[:n] + max_new_tokens, context_len - 1)
     # From the buckets, not the actual lengths: requests of similar size must share one compiled loop.
-    cache_len = cache_bucket(max(bucket, min(bucket + max_new_tokens, context_len - 1)) + block + 2, context_len, block)
+    reach = block if tree is None else max(block, tree.nodes)  # a tree pass writes N + 1 slots from the anchor
+    cache_len = cache_bucket(max(bucket, min(bucket + max_new_tokens, context_len - 1)) + reach + 2, context_len, reach)
     # A threshold or the scheduler can cut a block anywhere: narrower target passes at powers of two, then the
     # whole block.
     widths = () if policy.kind == "full" else tuple(sorted({1 << i for i in range(block.bit_length())} | {block + 1}))
+    if tree is not None:  # the same over tree rows: the verified nodes are an index prefix
+        m = tree.nodes
+        widths = () if policy.kind == "full" else tuple(sorted({1 << i for i in range(m.bit_length())} | {m + 1}))
     spec = LoopSpec(
         () if draft is None else draft.config.target_layer_ids,
         block,
@@ -556,21 +632,18 @@ def prepare(
         cache_len,  # every round commits a token, so no row runs more rounds than the cache has positions
         widths,
         policy.kind == "scheduler",
+        tree,
     )
     stop_slots = STOP_SLOTS * max(1, -(-len(stops) // STOP_SLOTS))
     stop_ids = np.full((stop_slots,), -1, np.int32)
     stop_ids[: len(stops)] = stops
     thresholds = np.full((batch,), policy_threshold(policy), np.float32)
     sampling = SamplingParams.of(rows + [SamplingConfig()] * (batch - n))  # padding rows: greedy
-    temperatures = round_seconds = plain_seconds = None
-    if spec.scheduler:
-        temperatures = np.ones((block,), np.float32) if draft.calibration is None else draft.calibration
-        round_seconds, plain_seconds = round_seconds_table(target, draft, batch, cache_len, widths, sampling)
     padded = np.zeros((batch, bucket), np.int32)
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = p
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(batch))
-    return Prepared(
+    prep = Prepared(
         spec,
         padded,
         lens,
@@ -582,10 +655,13 @@ def prepare(
         stops,
         max_new_tokens,
         n,
-        temperatures,
-        round_seconds,
-        plain_seconds,
     )
+    if not spec.scheduler:
+        return prep
+    temperatures = np.ones((block,), np.float32) if draft.calibration is None else draft.calibration
+    prep = dataclasses.replace(prep, temperatures=np.asarray(temperatures, np.float32))
+    width_seconds, plain_seconds = round_seconds_table(target, draft, prep)
+    return dataclasses.replace(prep, width_seconds=width_seconds, plain_seconds=plain_seconds)
 
 
 def generate(
@@ -599,6 +675,8 @@ def generate(
     seed: int = 0,
     verify: str = "full",
     stop_token_ids=None,
+    on_tokens=None,
+    tree=None,
 ) -> GenerateResult:
     """Generate continuations of token-id prompts, speculatively when `draft` is given (interfaces.md §3).
 
@@ -606,102 +684,113 @@ def generate(
     target's (temperature / top-k / top-p) distribution. Row i draws from its own stream fold_in(key(seed), i).
     temperature, top_p and top_k take one value or a list with one value per prompt; they are data, so any mix
     runs in the loop compiled for the batch and cache buckets.
+
+    on_tokens: optional callable streaming the output: the loop then runs STREAM_ROUNDS rounds per call and, after
+    each call, `on_tokens(list[list[int]])` receives each prompt's tokens committed since the previous call (the
+    same compiled loop and the same rounds, so the tokens are those of a call without it).
+
+    tree: None (chain rounds, the default), a TreeConfig or "N[,K[,W]]": tree rounds (trees §7); the result then
+    also holds nodes verified and accepted sibling ranks per round.
     """
-    prep = prepare(target, draft, prompts, max_new_tokens, temperature, top_p, top_k, seed, verify, stop_token_ids)
-    spec, lens, stops = prep.spec, prep.prompt_lens, prep.stops
+    prep = prepare(
+        target, draft, prompts, max_new_tokens, temperature, top_p, top_k, seed, verify, stop_token_ids, tree=tree
+    )
+    spec = prep.spec
     draft_def = draft_state = None
     if draft is not None:
         draft_def, draft_state = draft.graphdef, draft.state
     start = time.perf_counter()
     state = prep.prefill(target, draft)
-    state = decode_loop(target.graphdef, target.state, draft_def, draft_state, state, spec=spec)
+    if on_tokens is None:
+        state = decode_loop(target.graphdef, target.state, draft_def, draft_state, state, spec.max_rounds, spec=spec)
+    else:
+        sent = [0] * prep.num_prompts
+        while True:
+            tokens, lengths, done = jax.device_get((state.tokens, state.lengths, state.done))
+            rows = _outputs(prep, tokens, lengths)
+            on_tokens([row[n:] for row, n in zip(rows, sent)])
+            sent = [len(row) for row in rows]
+            if done.all():
+                break
+            state = decode_loop(target.graphdef, target.state, draft_def, draft_state, state, STREAM_ROUNDS, spec=spec)
     tokens, lengths, rounds, acc, props, conf = jax.device_get(
         (state.tokens, state.lengths, state.rounds, state.acceptance, state.proposals, state.confidences)
     )
     seconds = time.perf_counter() - start
-    out_tokens, out_acc, out_prop, out_conf = [], [], [], []
+    out_tokens = _outputs(prep, tokens, lengths)
+    out_acc, out_prop, out_conf = [], [], []
     for i in range(prep.num_prompts):
-        n = lens[i]
-        row = tokens[i, n : min(lengths[i], n + max_new_tokens)].tolist()
-        for j, t in enumerate(row):
-            if t in stops:
-                row = row[: j + 1]
-                break
-        out_tokens.append(row)
         out_acc.append(acc[i, : rounds[i]].tolist())
         out_prop.append(props[i, : rounds[i]].tolist())
         out_conf.append([] if conf is None else conf[i, : rounds[i]].tolist())
     total_rounds = int(rounds[: prep.num_prompts].sum())
     tau = float(sum(map(sum, out_acc)) / total_rounds) if total_rounds else 0.0
-    return GenerateResult(out_tokens, out_acc, out_prop, tau, seconds, out_conf)
+    result = GenerateResult(out_tokens, out_acc, out_prop, tau, seconds, out_conf)
+    if spec.tree is not None:
+        ranks = jax.device_get(state.accepted_ranks)
+        result.nodes_verified = [list(p) for p in out_prop]
+        result.accepted_ranks = [
+            [[r for r in row if r >= 0] for row in ranks[i, : rounds[i]].tolist()] for i in range(prep.num_prompts)
+        ]
+    return result
+
+
+def _outputs(prep: Prepared, tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    """Each prompt's generated tokens so far (prompt excluded), cut after the first stop token."""
+    out = []
+    for i in range(prep.num_prompts):
+        n = prep.prompt_lens[i]
+        row = tokens[i, n : min(lengths[i], n + prep.max_new_tokens)].tolist()
+        for j, t in enumerate(row):
+            if t in prep.stops:
+                row = row[: j + 1]
+                break
+        out.append(row)
+    return out
 
 
 _ROUND_SECONDS: dict = {}
+TIMED_ROUNDS = 16  # rounds per timed call of the loop when measuring the scheduler's costs
 
 
-def round_seconds_table(
-    target, draft, batch: int, cache_len: int, widths: tuple[int, ...], sampling: SamplingParams
-) -> tuple[np.ndarray, float]:
-    """The scheduler's cost table (spec §11), measured on this device: (f32[batch * widths[-1] + 1], entry N =
-    seconds of a round whose verification pass holds N tokens (the spec's 1 / SPS(N)); seconds of a round without
-    the draft, i.e. one target position per row).
+def round_seconds_table(target, draft, prep: Prepared, reps: int = 3) -> tuple[np.ndarray, float]:
+    """The scheduler's cost table (spec §11's 1 / SPS), measured by running this batch's compiled loop:
+    (f32[len(spec.widths)] seconds of a speculative round at each compiled target-pass width, seconds of a round
+    without the draft).
 
-    A round = the draft's proposal (timed once) + the target pass; the pass is compiled and timed at each compiled
-    width w over [batch, w] through a cache of the loop's length. Each time is the fastest of 5 (noise only ever
-    adds); entries between the measured N = batch * w are interpolated linearly and the table is made
-    non-decreasing, as the true cost is. The cost depends on shapes, not weights: measured once per (model configs,
-    batch, cache length, widths, greedy or sampled batch) in this process.
+    Each entry times TIMED_ROUNDS rounds of the very loop the request will run (same buckets, so the compilation
+    is shared with it), with the width forced, or with the draft gate held shut, on this batch's prompts with no
+    stop tokens: in-loop rounds cost more than their pieces timed one by one (while-loop overhead, fusion,
+    bookkeeping), and those are the numbers the scheduler must compare. The settings take turns for `reps` passes
+    and each keeps its fastest (noise only ever adds). The cost depends on shapes, not on weights or tokens:
+    measured once per (model configs, loop spec, greedy or sampled batch) in this process.
     """
-    greedy = bool(np.all(np.asarray(sampling.greedy)))
-    key = (target.config, draft.config, batch, cache_len, widths, greedy, jax.default_backend())
+    spec = prep.spec
+    greedy = bool(np.all(np.asarray(prep.sampling.greedy)))
+    key = (target.config, draft.config, spec, greedy, jax.default_backend())
     if key not in _ROUND_SECONDS:
-        target_cache = target.module().init_cache(batch, cache_len)
-        draft_cache = draft.module().init_cache(batch, cache_len)
-        anchors = jnp.full((batch,), cache_len // 2, jnp.int32)
-        pending = jnp.zeros((batch, widths[-1], draft.config.num_taps * target.config.hidden_size), target.config.dtype)
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(batch))
-        draft_call = functools.partial(
-            _timed_propose,
-            draft.graphdef,
-            draft.state,
-            draft_cache,
-            pending,
-            anchors,
-            keys,
-            jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (batch,)), sampling),
+        room = spec.cache_len - spec.width - 2 - int(prep.prompt_lens.max())
+        rounds = max(1, min(TIMED_ROUNDS, room // spec.width))
+        live = prep.prompt_lens < prep.limits
+        timing = dataclasses.replace(
+            prep,
+            limits=np.where(live, spec.cache_len - spec.width - 2, prep.limits).astype(np.int32),
+            stop_ids=np.full_like(prep.stop_ids, -1),
+            width_seconds=np.ones((len(spec.widths),), np.float32),
+            plain_seconds=1.0,
         )
-        draft_seconds = _fastest(draft_call)
-        passes = {}
-        for w in widths:
-            tokens = jnp.zeros((batch, w), jnp.int32)
-            taps = tuple(draft.config.target_layer_ids)
-            call = functools.partial(_timed_pass, target.graphdef, target.state, target_cache, tokens, anchors)
-            passes[w] = _fastest(functools.partial(call, tap_layer_ids=taps))
-        measured = [batch * w for w in widths]
-        table = np.interp(np.arange(batch * widths[-1] + 1), measured, [draft_seconds + passes[w] for w in widths])
-        _ROUND_SECONDS[key] = np.maximum.accumulate(table).astype(np.float32), passes[min(widths)]
+
+        def seconds(**scheduler) -> float:
+            state = jax.block_until_ready(timing.prefill(target, draft, **scheduler))
+            begin = time.perf_counter()
+            args = (target.graphdef, target.state, draft.graphdef, draft.state, state, rounds)
+            jax.block_until_ready(decode_loop(*args, spec=spec).lengths)
+            return (time.perf_counter() - begin) / rounds
+
+        # Every setting once per pass, passes repeated: all settings see the same machine (a shared machine's load
+        # moves within seconds, and one entry timed in a busy moment would flip the plan); the first pass compiles.
+        settings = [dict(forced=i) for i in range(len(spec.widths))] + [dict(drafting=False)]
+        times = np.array([[seconds(**kw) for kw in settings] for _ in range(reps + 1)][1:])
+        best = times.min(axis=0)
+        _ROUND_SECONDS[key] = best[:-1].astype(np.float32), float(best[-1])
     return _ROUND_SECONDS[key]
-
-
-def _fastest(call, reps: int = 5) -> float:
-    jax.block_until_ready(call())  # compile
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        samples.append(time.perf_counter() - start)
-    return min(samples)
-
-
-@functools.partial(jax.jit, static_argnames=("target_def", "tap_layer_ids"))
-def _timed_pass(target_def, target_state, cache, tokens, anchors, *, tap_layer_ids):
-    logits, taps, cache = target_pass(nnx.merge(target_def, target_state), cache, tokens, anchors, tap_layer_ids)
-    return logits, taps, cache.k
-
-
-@functools.partial(jax.jit, static_argnames=("draft_def",))
-def _timed_propose(draft_def, draft_state, cache, pending, anchors, keys, sampling):
-    num = jnp.full(anchors.shape, pending.shape[1], jnp.int32)
-    cache = dataclasses.replace(cache, lengths=anchors - pending.shape[1])
-    proposal, cache = propose(nnx.merge(draft_def, draft_state), cache, pending, num, anchors, anchors, sampling, keys)
-    return proposal.tokens, proposal.confidence_logits, cache.k

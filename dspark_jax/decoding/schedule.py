@@ -9,36 +9,65 @@ import jax.numpy as jnp
 
 from dspark_jax.configs import VerifyPolicy
 
-# While the draft is switched off, every PROBE_EVERY-th round drafts again (verifying only what pays) to see whether
-# the calibrated confidences now promise enough: a probe costs one draft pass, not a wide verify.
+# Probe interval bounds: while the draft is switched off, a probe round drafts again every `probe_every` rounds
+# (starting at PROBE_EVERY) to see whether drafting pays again; each probe that still does not pay doubles the
+# interval up to MAX_PROBE_EVERY, so a batch where speculation never pays spends < 1% of its rounds probing.
 PROBE_EVERY = 8
+MAX_PROBE_EVERY = 128
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SchedulerState:
-    """The prefix scheduler's inputs (spec §11) and its draft gate, carried in the decode state.
+    """The scheduler's inputs (spec §11) and its draft gate, carried in the decode state.
 
-    temperatures: f32[slots] confidence temperatures (spec §10; ones = uncalibrated); round_seconds:
-    f32[batch * (slots + 1) + 1], entry N = seconds of a round (drafting included) whose verification holds N
-    tokens; plain_seconds: f32[] seconds of a round without the draft (one target position per row);
-    drafting: bool[] whether this round runs the draft; idle_rounds: i32[] rounds since the draft last ran.
+    temperatures: f32[slots] confidence temperatures (spec §10; ones = uncalibrated);
+    width_seconds: f32[widths] seconds of one speculative round (draft included) at each compiled target-pass
+      width, measured by running the compiled loop itself; plain_seconds: f32[] seconds of one round without the
+      draft (one target position per row) in the same loop;
+    prior: f32[batch, slots] each row's prefix confidences s from its latest drafting round (ones before any);
+    drafting: bool[] whether the next round runs the draft; idle_rounds: i32[] rounds since the draft last ran;
+    probe_every: i32[] the current probe interval; forced: i32[] -1, or a width index every round must use with
+      the draft on (how the cost table is measured).
     """
 
     temperatures: jax.Array
-    round_seconds: jax.Array
+    width_seconds: jax.Array
     plain_seconds: jax.Array
+    prior: jax.Array
     drafting: jax.Array
     idle_rounds: jax.Array
+    probe_every: jax.Array
+    forced: jax.Array
+
+    @classmethod
+    def initial(cls, temperatures, width_seconds, plain_seconds, batch: int, *, drafting=True, forced=-1):
+        slots = len(temperatures)
+        return cls(
+            jnp.asarray(temperatures, jnp.float32),
+            jnp.asarray(width_seconds, jnp.float32),
+            jnp.float32(plain_seconds),
+            jnp.ones((batch, slots), jnp.float32),
+            jnp.bool_(drafting),
+            jnp.int32(0),
+            jnp.int32(PROBE_EVERY if drafting else 1 << 30),
+            jnp.int32(forced),
+        )
 
     def after_round(self, theta: jax.Array, rows: jax.Array) -> "SchedulerState":
-        """The gate for the next round. After a drafting round: keep drafting iff the chosen plan's expected
-        throughput `theta` beats plain decoding of the `rows` live rows (rows / plain_seconds). After a skipped
-        round: draft again once PROBE_EVERY rounds have passed without it."""
+        """The gate for the next round. After a drafting round: keep drafting iff the best plan's expected
+        throughput `theta` (from this round's confidences) beats plain decoding of the `rows` live rows; a round
+        that does not pay doubles the probe interval, one that pays resets it. After a skipped round: draft again
+        once `probe_every` rounds have passed without it."""
         beats_plain = theta > rows / self.plain_seconds
+        probe_every = jnp.where(
+            self.drafting,
+            jnp.where(beats_plain, PROBE_EVERY, jnp.minimum(2 * self.probe_every, MAX_PROBE_EVERY)),
+            self.probe_every,
+        )
         idle = jnp.where(self.drafting, 0, self.idle_rounds + 1)
-        drafting = jnp.where(self.drafting, beats_plain, idle >= PROBE_EVERY)
-        return dataclasses.replace(self, drafting=drafting, idle_rounds=idle)
+        drafting = jnp.where(self.drafting, beats_plain, idle >= probe_every) | (self.forced >= 0)
+        return dataclasses.replace(self, drafting=drafting, idle_rounds=idle, probe_every=probe_every)
 
 
 def policy_threshold(policy: VerifyPolicy) -> float:
@@ -67,33 +96,23 @@ def prefix_confidences(confidence_logits: jax.Array, temperatures: jax.Array) ->
     return jnp.cumprod(jax.nn.sigmoid(confidence_logits.astype(jnp.float32) / temperatures), axis=-1)
 
 
-def scheduled_num_to_verify(
-    confidence_logits: jax.Array, temperatures: jax.Array, live: jax.Array, round_seconds: jax.Array
+def plan_width(
+    s: jax.Array, live: jax.Array, widths: jax.Array, width_seconds: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """(i32[batch] drafts to verify per row, f32[] the plan's expected throughput Θ): the greedy causal prefix
-    scheduler of spec §11.
+    """(i32[] index of the compiled width with the highest expected throughput, f32[] that throughput Θ).
 
-    confidence_logits: f32[batch, slots]; temperatures: f32[slots] (spec §10; ones = uncalibrated); live:
-    bool[batch] (finished rows verify nothing); round_seconds: f32[batch * (slots + 1) + 1], entry N = seconds of a
-    round whose verification holds N tokens (the spec's 1 / SPS(N), drafting included). A choice verifies
-    N = Σ_live (1 + k) tokens and commits E = Σ_live (1 + Σ_{j<k} s_j) on average: throughput Θ = E / round_seconds[N].
+    s: f32[batch, slots] prefix confidences (each slot's calibrated chance to survive with all before it); live:
+    bool[batch]; widths: i32[W] compiled target-pass widths; width_seconds: f32[W] measured round times.
 
-    Candidates (row, slot) are taken in descending s (ties: lower slot first, so each row's prefix grows
-    contiguously); each is kept while Θ strictly improves and the walk stops at the first that does not. The
-    stop is what keeps the output lossless: whether slot j is verified never depends on a confidence computed
-    from the token drafted at slot j or later.
+    A round's target pass runs every row at one width w (the narrowest compiled width that holds the longest
+    verified prefix), so its cost depends on w, not on how many of the w - 1 slots each row verifies: once w is
+    paid, verifying all w - 1 drafts of every row only adds expected tokens. The choice therefore reduces to w:
+    Θ(w) = Σ_live (1 + Σ_{j < w-1} s_j) / width_seconds[w] (spec §11's objective with the cost of the pass
+    actually run). Lossless: the loop plans a round from the confidences of the row's previous drafting round
+    (`SchedulerState.prior`), never from the round's own drafts.
     """
-    bsz, slots = confidence_logits.shape
-    s = jnp.where(live[:, None], prefix_confidences(confidence_logits, temperatures), 0.0).reshape(-1)
-    order = jnp.argsort(-s, stable=True)  # row-major flattening + stable sort: lower slot first among ties
-    row = order // slots
-    rows = jnp.sum(live)
-    expected = rows + jnp.cumsum(s[order])  # E[committed] after taking candidates 0..i
-    tokens = rows + 1 + jnp.arange(s.shape[0])
-    theta = expected / round_seconds[tokens]
-    before = jnp.concatenate([(rows / round_seconds[rows])[None], theta[:-1]])
-    improves = theta > before
-    taken = jnp.cumprod(improves.astype(jnp.int32)).astype(bool)  # the leading run of improvements
-    num_taken = jnp.sum(taken)
-    plan_theta = jnp.where(num_taken > 0, theta[jnp.maximum(num_taken - 1, 0)], before[0])
-    return jnp.zeros((bsz,), jnp.int32).at[row].add(taken.astype(jnp.int32)), plan_theta
+    cum = jnp.concatenate([jnp.zeros_like(s[:, :1]), jnp.cumsum(s, axis=1)], axis=1)  # [batch, slots + 1]
+    expected = jnp.sum(jnp.where(live[:, None], 1.0 + cum[:, widths - 1], 0.0), axis=0)  # f32[W]
+    theta = expected / width_seconds
+    best = jnp.argmax(theta).astype(jnp.int32)
+    return best, theta[best]

@@ -50,3 +50,4 @@ class DecodeState:
     proposals: jax.Array
     confidences: jax.Array | None = None
     scheduler: SchedulerState | None = None
+    accepted_ranks: jax.Array | None = None  # i32[batch, max_rounds, block] tree rounds: path ranks, -1 padded

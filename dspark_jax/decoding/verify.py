@@ -13,17 +13,30 @@ from dspark_jax.sampling import SamplingParams, as_params, first_argmax, probabi
 
 
 def target_pass(
-    target: Qwen3, cache: KVCache, tokens: jax.Array, anchor_positions: jax.Array, tap_layer_ids: tuple[int, ...]
+    target: Qwen3,
+    cache: KVCache,
+    tokens: jax.Array,
+    anchor_positions: jax.Array,
+    tap_layer_ids: tuple[int, ...],
+    positions: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ):
     """tokens i32[batch, w] = [anchor, x_0..x_{w-2}] at positions P..P+w-1.
+
+    Tree rounds (trees §4) pass positions i32[batch, w] = P + [0, 1 + depth] and mask bool[batch, w, cache_len]
+    (`cache.tree_mask`): the rows still land in slots P..P+w-1, each seeing the prefix and its own ancestors.
 
     Returns (logits f32[batch, w, vocab], taps [batch, w, taps * hidden] or None, cache with the rows written).
     Row i's logits are the target's distribution for position P + i + 1, causally independent of later rows,
     so verifying k < w - 1 drafts needs no second pass.
     """
     w = tokens.shape[1]
-    positions = anchor_positions[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]
-    hidden, taps, cache = target(tokens, positions, cache, tap_layer_ids)
+    if positions is None:
+        positions = anchor_positions[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]
+    if mask is None:
+        hidden, taps, cache = target(tokens, positions, cache, tap_layer_ids)
+    else:
+        hidden, taps, cache = target(tokens, positions, cache, tap_layer_ids, mask=mask)
     return target.logits(hidden), taps, cache
 
 

@@ -200,7 +200,9 @@ class Attention(nnx.Module):
         w = self.o_proj[...].astype(self.dtype).reshape(n * h, -1)
         return jnp.dot(a.reshape(b, t, n * h), w)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, kv: tuple | None = None, layer: int = 0):
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, kv: tuple | None = None, layer: int = 0, mask: jax.Array | None = None
+    ):
         """Causal self-attention over a chunk, optionally through a cache.
 
         x: [batch, t, hidden]; positions: i32[batch, t] (consecutive per row). With `kv` = the stacked caches
@@ -209,16 +211,22 @@ class Attention(nnx.Module):
         decode loop writes each chunk at its row's length, so those slots are the committed prefix plus this chunk,
         and a row that rewinds (writes below its old length) no longer sees the stale slots above. Slots past every
         query's position are not read at all (see cache_attention).
+        mask: optional bool[batch, t, cache_len] (bool[batch, t, t] without a cache) replacing the causal rule, for
+        tree verification (trees §4: chunk row i sits in slot positions[:, 0] + i but sees only its ancestors);
+        positions need not be consecutive then. One dense pass over the whole cache.
         Returns (out, kv) with kv updated (None without a cache).
         """
         q = self.queries(x, positions)
         k, v = self.keys_values(x, positions)
         scale = self.head_dim**-0.5
         if kv is None:
-            mask = positions[:, None, :] <= positions[:, :, None]
+            mask = positions[:, None, :] <= positions[:, :, None] if mask is None else mask
             return self.output(attend(q, heads_major(k), heads_major(v), mask, scale)), None
         k_all = write_layer(kv[0], layer, k, positions[:, 0])
         v_all = write_layer(kv[1], layer, v, positions[:, 0])
+        if mask is not None:
+            p = partial_attention(group_queries(q, k.shape[2]), k_all[layer], v_all[layer], mask[:, None, None], scale)
+            return self.output(finish(p, q.dtype)), (k_all, v_all)
         p = cache_attention(group_queries(q, k.shape[2]), k_all, v_all, layer, positions + 1, scale)
         return self.output(finish(p, q.dtype)), (k_all, v_all)
 

@@ -1,8 +1,8 @@
 """Gemma4 flavour of the DSpark draft layer (spec §4.5): sandwich norms, scale-1 attention with q/k/v norms,
 optional key-equals-value attention, proportional RoPE (§4.3), gated MLP with the target's activation.
 
-There is no JAX Gemma4 target here; these pieces are what the draft needs, checked against transformers' Gemma4 text
-decoder layer in tests/test_gemma4_draft.py.
+These pieces are what the draft needs, checked against transformers' Gemma4 text decoder layer in
+tests/test_gemma4_draft.py; the Gemma4 target (models/gemma4_target.py) is built from them.
 """
 
 from __future__ import annotations

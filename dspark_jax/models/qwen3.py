@@ -34,8 +34,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
 
-    def __call__(self, x, positions, kv=None, layer: int = 0):
-        a, kv = self.self_attn(self.input_layernorm(x), positions, kv, layer)
+    def __call__(self, x, positions, kv=None, layer: int = 0, mask=None):
+        a, kv = self.self_attn(self.input_layernorm(x), positions, kv, layer, mask=mask)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -65,7 +65,12 @@ class Qwen3(nnx.Module):
         return jnp.einsum("...d,dv->...v", hidden.astype(c.dtype), w, preferred_element_type=jnp.float32)
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None, tap_layer_ids: tuple[int, ...] = ()
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        tap_layer_ids: tuple[int, ...] = (),
+        mask: jax.Array | None = None,
     ):
         """Run the stack over a chunk.
 
@@ -74,6 +79,8 @@ class Qwen3(nnx.Module):
           cache: optional KVCache; the chunk's k/v are written at positions[:, 0] and queries see every earlier
             slot. Its `lengths` are left to the caller (rollback and commit are decoding's business).
           tap_layer_ids: decoder layers whose raw (pre-final-norm) outputs to return; -1 = the embedding output.
+          mask: optional bool[batch, t, cache_len] visibility replacing the causal rule (tree verification,
+            `cache.tree_mask`); positions may then repeat.
         Returns:
           hidden: [batch, t, hidden] after the final norm; taps: [batch, t, taps * hidden] in tap order (None when
           no taps); the cache with this chunk written (None without a cache).
@@ -83,7 +90,7 @@ class Qwen3(nnx.Module):
         kv = None if cache is None else (cache.k, cache.v)
         wanted = set(tap_layer_ids)
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions, kv, i)
+            x, kv = layer(x, positions, kv, i) if mask is None else layer(x, positions, kv, i, mask=mask)
             if i in wanted:
                 outputs[i] = x
         taps = jnp.concatenate([outputs[i] for i in tap_layer_ids], axis=-1) if tap_layer_ids else None

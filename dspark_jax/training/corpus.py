@@ -71,7 +71,9 @@ def train_tokenizer(files: list[str], vocab_size: int):
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineArgumentParser(
-        prog="python -m dspark_jax.training.corpus", description="Build the stdlib code corpus and its BPE tokenizer."
+        prog="python -m dspark_jax.training.corpus",
+        description="Build the stdlib code corpus and its BPE tokenizer.",
+        epilog="example:\n  python -m dspark_jax.training.corpus --out corpus --vocab-size 4096",
     )
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=4096)

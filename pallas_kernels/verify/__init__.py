@@ -10,10 +10,20 @@ import jax
 
 from .. import _common
 from .gpu import gpu_config, verify_gpu
-from .reference import VerifyResult, verify_reference
-from .tpu import tpu_config, verify_tpu
+from .reference import VerifyResult, verify_reference, verify_reference_onehot
+from .tpu import tpu_config, tpu_max_nodes, verify_tpu
 
-__all__ = ["VerifyResult", "verify", "verify_reference", "verify_gpu", "verify_tpu", "gpu_config", "tpu_config"]
+__all__ = [
+    "VerifyResult",
+    "verify",
+    "verify_reference",
+    "verify_reference_onehot",
+    "verify_gpu",
+    "verify_tpu",
+    "gpu_config",
+    "tpu_config",
+    "tpu_max_nodes",
+]
 
 _IMPLS = ("auto", "pallas", "reference")
 
@@ -31,6 +41,7 @@ def verify(
     interpret: bool = False,
     block_v: int | None = None,
     platform: str | None = None,
+    max_siblings: int | None = None,
 ) -> VerifyResult:
     """Accept a prefix path of the draft tree and draw the next token.
 
@@ -49,6 +60,9 @@ def verify(
       block_v: vocab tile override for the kernel (default: `tuning.py` by platform and vocab).
       platform: kernel variant, "gpu" (Triton) or "tpu" (Mosaic); default: the backend jax runs on, and the
         Triton variant when that is CPU (interpret mode).
+      max_siblings: the caller guarantees siblings are contiguous and at most this many (the tree builder's
+        order), which makes the kernel's unrolled walk O(nodes * max_siblings); None = any topological order.
+        The reference ignores it. On TPU, trees beyond `tpu_max_nodes` (VMEM) run the reference under "auto".
 
     Returns:
       VerifyResult(accept_len i32[batch], accepted_nodes i32[batch, nodes] padded with -1,
@@ -68,7 +82,12 @@ def verify(
     variant = _common.platform(platform) if platform is not None else here
     vocab = target_probs.shape[-1]
     if variant == _common.TPU:
-        return verify_tpu(*args, block_v=tpu_config(vocab, block_v), interpret=interpret)
+        block = tpu_config(vocab, block_v)
+        if impl == "auto" and draft_tokens.shape[1] > tpu_max_nodes(vocab, block):
+            return verify_reference(*args)
+        return verify_tpu(*args, block_v=block, interpret=interpret, max_siblings=max_siblings)
     # "gpu", or "cpu" (interpret mode only) -> the Triton variant.
     block, num_warps, num_stages = gpu_config(vocab, block_v)
-    return verify_gpu(*args, block_v=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    return verify_gpu(
+        *args, block_v=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret, max_siblings=max_siblings
+    )

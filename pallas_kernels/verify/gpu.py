@@ -67,7 +67,7 @@ def _masked_loader(block_v: int):
     return for_vocab
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "num_stages", "interpret", "max_siblings"))
 def verify_gpu(
     draft_tokens: jax.Array,
     parents: jax.Array,
@@ -81,6 +81,7 @@ def verify_gpu(
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
+    max_siblings: int | None = None,
 ) -> VerifyResult:
     """Acceptance step as a Triton Pallas kernel; same inputs/outputs as `reference.verify_reference`.
 
@@ -91,6 +92,7 @@ def verify_gpu(
       block_v: vocab tile, a power of two (see `gpu_config`); vocab need not be a multiple of it.
       num_warps / num_stages: Triton launch parameters.
       interpret: run through the Pallas interpreter (any backend, e.g. CPU tests).
+      max_siblings: siblings are contiguous and at most this many (see `_kernel.make_kernel`); None = any order.
 
     Returns:
       VerifyResult(accept_len i32[batch], accepted_nodes i32[batch, nodes], next_token i32[batch]).
@@ -114,5 +116,6 @@ def verify_gpu(
         scalar_memory_space=None,
         compiler_params=_triton().CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_common.interpret_arg(interpret),
+        max_siblings=max_siblings,
         name="dspark_verify_triton",
     )

@@ -140,3 +140,57 @@ def verify_reference(
     _, dist, alen, path = jax.lax.fori_loop(0, nodes, step, init) if nodes else init
     next_token = inverse_cdf(dist, residual_uniforms.astype(jnp.float32))
     return VerifyResult(alen, path, next_token)
+
+
+@jax.jit
+def verify_reference_onehot(
+    draft_tokens: jax.Array,
+    parents: jax.Array,
+    num_proposed: jax.Array,
+    target_probs: jax.Array,
+    uniforms: jax.Array,
+    residual_uniforms: jax.Array,
+) -> VerifyResult:
+    """The rule of :func:`verify_reference` when every draft row is `one_hot(draft_tokens[j])` (deterministic
+    top-k candidates), without building the [batch, nodes, vocab] one-hots.
+
+    With D = one_hot(x) the test is `u < min(1, dist[x])` and a rejection leaves `max(0, dist - one_hot(x))`, i.e.
+    dist with dist[x] zeroed (dist[x] <= 1): one element write instead of a [vocab] row per node. The residual is
+    the same array as the reference's, so the result equals the reference on explicit one-hot rows.
+    """
+    batch, nodes = draft_tokens.shape
+    vocab = target_probs.shape[-1]
+    target_probs = target_probs.astype(jnp.float32)
+    uniforms = uniforms.astype(jnp.float32)
+    tokens = jnp.clip(draft_tokens.astype(jnp.int32), 0, vocab - 1)
+    parents = parents.astype(jnp.int32)
+    k = jnp.clip(num_proposed.astype(jnp.int32), 0, nodes)
+    rows = jnp.arange(batch)
+
+    def step(j, carry):
+        cur, dist, alen, path = carry
+        eligible = (j < k) & (parents[:, j] == cur)
+        x = tokens[:, j]
+        q = dist[rows, x]
+        accept = eligible & (uniforms[:, j] < jnp.minimum(1.0, q))
+        reject = eligible & ~accept
+        # max(0, dist - one_hot(x)) differs from dist at x only: the same array as the reference's residual.
+        resid = dist.at[rows, x].set(jnp.maximum(q - 1.0, 0.0))
+        mass = jnp.sum(resid, axis=-1)
+        applied = reject & (mass > MASS_FLOOR)
+        inv = 1.0 / jnp.where(applied, mass, 1.0)
+        dist = jnp.where(
+            accept[:, None], target_probs[:, j + 1], jnp.where(applied[:, None], resid * inv[:, None], dist)
+        )
+        path = jnp.where(accept[:, None] & (jnp.arange(nodes) == alen[:, None]), j, path)
+        return jnp.where(accept, j, cur), dist, alen + accept.astype(jnp.int32), path
+
+    init = (
+        jnp.full((batch,), -1, jnp.int32),
+        target_probs[:, 0],
+        jnp.zeros((batch,), jnp.int32),
+        jnp.full((batch, nodes), -1, jnp.int32),
+    )
+    _, dist, alen, path = jax.lax.fori_loop(0, nodes, step, init) if nodes else init
+    next_token = inverse_cdf(dist, residual_uniforms.astype(jnp.float32))
+    return VerifyResult(alen, path, next_token)

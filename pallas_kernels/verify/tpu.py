@@ -58,7 +58,18 @@ def _loader(block_v: int):
     return for_vocab
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
+def tpu_vmem_bytes(nodes: int, vocab: int, block_v: int) -> int:
+    """VMEM one grid step needs: double-buffered target [nodes+1, Vp] and draft [nodes, Vp] f32 rows."""
+    return 2 * (2 * max(nodes, 1) + 1) * _common.round_up(vocab, block_v) * 4 + _VMEM_HEADROOM
+
+
+def tpu_max_nodes(vocab: int, block_v: int) -> int:
+    """The largest node count whose rows fit the VMEM cap (about 40 at vocab 151936): the TPU node cap."""
+    per_node = 2 * 2 * _common.round_up(vocab, block_v) * 4
+    return max(0, (_VMEM_CAP - _VMEM_HEADROOM - 2 * _common.round_up(vocab, block_v) * 4) // per_node)
+
+
+@functools.partial(jax.jit, static_argnames=("block_v", "interpret", "max_siblings"))
 def verify_tpu(
     draft_tokens: jax.Array,
     parents: jax.Array,
@@ -70,6 +81,7 @@ def verify_tpu(
     *,
     block_v: int,
     interpret: bool = False,
+    max_siblings: int | None = None,
 ) -> VerifyResult:
     """Acceptance step as a Mosaic TPU Pallas kernel; same inputs/outputs as `reference.verify_reference`.
 
@@ -79,6 +91,7 @@ def verify_tpu(
       uniforms: f32[batch, nodes]; residual_uniforms: f32[batch]  (other float dtypes are cast to f32).
       block_v: vocab tile, a power of two and a multiple of 128 (see `tpu_config`); vocab is padded to it.
       interpret: run through the Pallas interpreter (any backend, e.g. CPU tests).
+      max_siblings: siblings are contiguous and at most this many (see `_kernel.make_kernel`); None = any order.
 
     Returns:
       VerifyResult(accept_len i32[batch], accepted_nodes i32[batch, nodes], next_token i32[batch]).
@@ -87,8 +100,10 @@ def verify_tpu(
         raise ValueError(f"block_v must be a power-of-two multiple of {_LANES}, got {block_v}")
     pltpu = _tpu()
     nodes = draft_tokens.shape[1]
-    padded = _common.round_up(target_probs.shape[-1], block_v)
-    vmem = 2 * (2 * max(nodes, 1) + 1) * padded * 4 + _VMEM_HEADROOM
+    vmem = tpu_vmem_bytes(nodes, target_probs.shape[-1], block_v)
+    if vmem > _VMEM_CAP:
+        cap = tpu_max_nodes(target_probs.shape[-1], block_v)
+        raise ValueError(f"{nodes} nodes need {vmem >> 20} MiB of VMEM at this vocab; the TPU kernel takes <= {cap}")
     return verify_pallas(
         draft_tokens,
         parents,
@@ -105,5 +120,6 @@ def verify_tpu(
             dimension_semantics=("parallel",), vmem_limit_bytes=int(min(vmem, _VMEM_CAP))
         ),
         interpret=_common.interpret_arg(interpret),
+        max_siblings=max_siblings,
         name="dspark_verify_mosaic",
     )
