@@ -203,7 +203,7 @@ def run(args: GenerateArgs, mesh=None) -> dict:
     else:
         prompts = [_encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT, target.tokenizer)]
     tok = target.tokenizer
-    streamed = not args.json and not args.no_stream and len(prompts) == 1
+    streamed = _streams(args, len(prompts))
     printer = None
     if streamed:
         printer = _StreamPrinter(tok, args.prompt if args.prompt is not None and tok else _text(prompts[0], tok))
@@ -296,6 +296,11 @@ class _StreamPrinter:
         print(_text(self.ids, self.tokenizer)[self.shown :])
 
 
+def _streams(args: GenerateArgs, num_prompts: int) -> bool:
+    """Whether the text streams while it is generated: one prompt, human output, not --no-stream."""
+    return not args.json and not args.no_stream and num_prompts == 1
+
+
 def _print_human(out: dict, streamed: bool) -> None:
     for p in [] if streamed else out["prompts"]:
         print(p["text"] if p["text"] is not None else " ".join(map(str, p["tokens"])))
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        _print_human(out, streamed=not args.no_stream and len(out["prompts"]) == 1)  # as run() decided
+        _print_human(out, streamed=_streams(args, len(out["prompts"])))
     return 0
 
 
