@@ -9,6 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The CLIs' persistent compilation cache: one fresh folder per test session (subprocess CLIs inherit it), never the
 # user's cache.
 os.environ.setdefault("DSPARK_COMPILE_CACHE", __import__("tempfile").mkdtemp(prefix="dspark-xla-"))
+# No persistent compilation cache inside test processes: test workers that went through jax's cache path aborted
+# inside XLA compiles (not understood yet, see the issue notes); subprocess CLIs keep their own temp cache above.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
