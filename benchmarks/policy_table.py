@@ -47,6 +47,8 @@ def row(times: dict, sampled: bool) -> dict:
                 "speedup": (result.new_tokens / seconds) / out["plain_tokens_per_s"],
                 "tau": result.tau,
                 "mean_verified": statistics.fmean(k for q in result.proposal_lengths for k in q),
+                # Rounds that ran the draft (a skipped round records zero confidences): the scheduler's gate at work.
+                "drafting_share": statistics.fmean(any(z) for q in result.confidence_logits for z in q),
             }
     return out
 

@@ -7,9 +7,10 @@
 
 Tokens/s come from `generate`: one warm-up call, then the median of `--repeats` runs; compile_s is the warm-up's
 time minus that median (lowering and compiling prefill and the loop). The split into draft backbone, sequential
-head, verify pass and acceptance + commit comes from `decoding.pieces.round_split`. The JSON is rewritten after
-every stage with the device's peak memory so far, so a run cut short (time budget, timeout, out of memory) still
-leaves what it measured.
+head, verify pass and acceptance + commit comes from `decoding.pieces.round_split`; it times chain rounds, so with
+`--tree N[,K[,W]]` (the speculative runs decode trees and their entry adds the trees §9 metrics) it is skipped. The
+JSON is rewritten after every stage with the device's peak memory so far, so a run cut short (time budget, timeout,
+out of memory) still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -153,6 +154,8 @@ def build_parser() -> OneLineArgumentParser:
         default=None,
         help="seconds; stages that would start after it are skipped (default: 200 for qwen3-4b)",
     )
+    p.add_argument("--tree", help="draft trees N[,K[,W]]: N nodes, K children per node, beam W (default: chains)")
+    p.add_argument("--tree-mode", default="auto", help="topk | swor | iid | auto (topk at temperature 0, swor above)")
     p.add_argument("--no-split", action="store_true", help="skip the per-round split (tokens/s and compile time only)")
     p.add_argument("--out", default="bench.json", help="output JSON path (written atomically after every stage)")
     add_parallel_flags(p)
@@ -266,12 +269,15 @@ def measure_generate(target, draft, prompts, args) -> dict:
     import statistics
 
     import dspark_jax as dj
+    from dspark_jax.metrics import tree_metrics
 
+    tree = _tree(args) if draft is not None else None
     kw = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "seed": args.seed,
         "verify": args.verify if draft is not None else "full",
+        "tree": tree,
     }
     start = time.perf_counter()
     dj.generate(target, draft, prompts, **kw)
@@ -282,6 +288,11 @@ def measure_generate(target, draft, prompts, args) -> dict:
     r = runs[0]
     acc = [a for row in r.acceptance_lengths for a in row]
     props = [k for row in r.proposal_lengths for k in row]
+    trees = {}
+    if tree is not None:  # trees §9; mean_proposal is then the nodes verified per round
+        block = draft.config.block_size
+        trees = tree_metrics(r.acceptance_lengths, r.nodes_verified, r.accepted_ranks, block, tree.branch)
+        trees = {"tree": f"{tree.nodes},{tree.branch},{tree.beam}", "tree_mode": tree.mode, **trees}
     return {
         "tokens_per_s": r.new_tokens / med,
         "median_s": med,
@@ -295,6 +306,7 @@ def measure_generate(target, draft, prompts, args) -> dict:
         "acceptance_histogram": [acc.count(i) for i in range(max(acc, default=0) + 1)],
         # Compares runs across processes (e.g. the Pallas verify kernel against the reference).
         "tokens_sha256": hashlib.sha256(json.dumps(r.tokens).encode()).hexdigest()[:16],
+        **trees,
     }
 
 
@@ -329,18 +341,23 @@ def _derive(entry: dict, roofline) -> None:
     plain, spec, split, psplit = (entry.get(k) for k in ("plain", "speculative", "split", "plain_split"))
     if plain and spec:
         entry["speedup"] = spec["tokens_per_s"] / plain["tokens_per_s"]
-    # Per round / per step from generate: prefill excluded when the split measured it, else included.
+    # Per round / per step from generate: prefill excluded when both splits measured it and the difference of the
+    # two timings stays positive (on a loaded machine a separately timed prefill can exceed a short run's), else
+    # included for both, so the two stay comparable.
+    exclude = bool(split and psplit) and all(
+        m["median_s"] > s["prefill_s"] for m, s in ((spec, split), (plain, psplit)) if m
+    )
     round_s = step_s = None
     if spec:
-        round_s = (spec["median_s"] - (split or {}).get("prefill_s", 0.0)) / max(spec["max_rounds"], 1)
+        round_s = (spec["median_s"] - (split["prefill_s"] if exclude else 0.0)) / max(spec["max_rounds"], 1)
         if split:
             split.update(round_s=round_s, loop_overhead_s=round_s - split["pieces_sum_s"])
     if plain:
-        step_s = (plain["median_s"] - (psplit or {}).get("prefill_s", 0.0)) / max(plain["max_rounds"], 1)
+        step_s = (plain["median_s"] - (psplit["prefill_s"] if exclude else 0.0)) / max(plain["max_rounds"], 1)
         if psplit:
             psplit.update(step_s=step_s, loop_overhead_s=step_s - psplit["pieces_sum_s"])
     entry["plain_step_s"], entry["round_s"] = step_s, round_s
-    entry["prefill_excluded"] = bool(split and psplit)
+    entry["prefill_excluded"] = exclude
     if roofline is not None:
         entry["roofline"] = roofline(entry["batch"], entry["plain_cache_len"], step_s)
     if round_s:
@@ -404,6 +421,15 @@ def _write(path: str, report: dict) -> None:
         json.dump(report, f, indent=1)
 
 
+def _tree(args):
+    """--tree / --tree-mode as a TreeConfig (None without --tree); raises UsageError naming the flag."""
+    from dspark_jax.decoding.tree import MODES, TreeConfig
+
+    if args.tree_mode not in MODES:
+        raise UsageError(f"--tree-mode must be one of {', '.join(MODES)}, got {args.tree_mode!r}")
+    return None if args.tree is None else TreeConfig.parse(args.tree, args.tree_mode)
+
+
 def _validate(args) -> None:
     from dspark_jax import ops
     from dspark_jax.configs import SamplingConfig, VerifyPolicy
@@ -411,6 +437,11 @@ def _validate(args) -> None:
     ops.verify_impl()
     SamplingConfig(args.temperature)
     VerifyPolicy.parse(args.verify)
+    _tree(args)
+    if args.tree is not None and args.verify == "scheduler":
+        raise UsageError(
+            f"--verify scheduler is not available with --tree {args.tree} yet (accepted: full, threshold:X)"
+        )
     for name in ("max_new_tokens", "prompt_len", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -527,7 +558,11 @@ def run(args, log=print, argv: list[str] | None = None, mesh=None) -> dict:
         stage(f"speculative b{batch}", lambda p=prompts: measure_generate(target, draft, p, args), entry, "speculative")
     # Pass 2: the per-round split (prefill, then each piece of a round, separately compiled and timed).
     reps = max(3, 2 * args.repeats)
-    for entry, prompts in [] if args.no_split else entries:
+    if args.tree is not None and not args.no_split:
+        report["skipped"].append(
+            {"stage": "split", "reason": f"the per-round split times chain rounds (--tree {args.tree})"}
+        )
+    for entry, prompts in [] if args.no_split or args.tree is not None else entries:
         batch = entry["batch"]
         prep = functools.partial(loop.prepare, target, prompts=prompts, **kw)
         split = functools.partial(pieces.round_split, target, reps=reps)
@@ -550,6 +585,8 @@ def _summary(report: dict) -> str:
             f"batch {e['batch']}: plain {p.get('tokens_per_s', nan):.1f} tok/s | speculative "
             f"{s.get('tokens_per_s', nan):.1f} tok/s, tau {s.get('tau', nan):.2f}"
         )
+        if "nodes_verified_per_round" in s:
+            line += f" ({s['tree']}: {s['nodes_verified_per_round']:.1f} nodes/round)"
         if "speedup" in e:
             line += f" | speedup {e['speedup']:.2f}x"
         line += f" | compile {p.get('compile_s', nan):.1f} / {s.get('compile_s', nan):.1f} s"

@@ -21,6 +21,14 @@ per-slot conditional acceptance and prefix survival, tokens/s (and plain decodin
 confidence head, the calibration metrics of spec §7.3; `--save-calibration` fits the per-slot temperatures of spec
 §10 on all these rounds and writes them to the draft folder's calibration.json (which load_draft then reads and
 `verify="scheduler"` uses). `--out DIR` writes DIR/results.json, DIR/results.csv and PNG plots.
+
+`--tree N[,K[,W]]` (and `--tree-mode`) evaluates tree rounds instead of chains (trees §9): each row adds nodes
+verified per round, τ per verified node (then also the `verify_rate`), the accepted-rank histogram per depth,
+per-depth acceptance and the share of rounds leaving the rank-0 chain (confidence calibration is a chain measurement
+and is left out). `--save-calibration` at a temperature above 0 also measures the tree builder's per-rank factors
+(trees §3) on a full tree (N = 63, K = W = 4) over the same prompts and stores them as calibration.json's
+"rank_factors" (at temperature 0 trees score by probabilities, so none are measured and stored ones are kept). A
+DeepSeek-V4 -DSpark target folder without --draft is evaluated with its own draft (mtp.*).
 """
 
 from __future__ import annotations
@@ -82,6 +90,8 @@ class EvalArgs:
     out: str | None = None
     save_calibration: bool = False
     json: bool = False
+    tree: str | None = None  # "N[,K[,W]]": tree rounds (trees §7); None = the chain
+    tree_mode: str = "auto"
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -132,6 +142,8 @@ def build_parser() -> OneLineArgumentParser:
         action="store_true",
         help="fit per-slot confidence temperatures on these rounds (spec §10) into the draft's calibration.json",
     )
+    p.add_argument("--tree", help="draft trees N[,K[,W]]: N nodes, K children per node, beam W (default: chains)")
+    p.add_argument("--tree-mode", default="auto", help="topk | swor | iid | auto (topk at temperature 0, swor above)")
     p.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
     add_parallel_flags(p)
     return p
@@ -208,6 +220,8 @@ class SetRun:
     new_tokens: int
     seconds: float
     warm: bool  # every timed batch ran on an already compiled shape
+    nodes_verified: list = dataclasses.field(default_factory=list)  # tree rounds only (trees §9)
+    accepted_ranks: list = dataclasses.field(default_factory=list)
 
 
 class Runner:
@@ -219,17 +233,18 @@ class Runner:
         self.warm_up, self.progress = warm_up, progress
         self.compiled: set = set()
 
-    def run(self, draft, label: str, verify: str, prompts: list[list[int]]) -> SetRun:
+    def run(self, draft, label: str, verify: str, prompts: list[list[int]], tree=None) -> SetRun:
         import dspark_jax as dj
 
         size = self.batch_size or len(prompts)
         acc, prop, conf, new_tokens, seconds, warm = [], [], [], 0, 0.0, True
+        nodes, ranks = [], []
         for start in range(0, len(prompts), size):
             batch = prompts[start : start + size]
-            kwargs = dict(self.settings, seed=self.settings["seed"] + start, verify=verify)
+            kwargs = dict(self.settings, seed=self.settings["seed"] + start, verify=verify, tree=tree)
             # Finer than generate's own buckets (prompt bucket, batch bucket), so a batch that would compile is
             # never taken for a compiled one.
-            shape = (label, verify, len(batch), 1 << (max(map(len, batch)) - 1).bit_length())
+            shape = (label, verify, tree, len(batch), 1 << (max(map(len, batch)) - 1).bit_length())
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="max_new_tokens .* is capped")  # counted per set instead
                 if shape not in self.compiled:
@@ -242,10 +257,12 @@ class Runner:
             acc += result.acceptance_lengths
             prop += result.proposal_lengths
             conf += result.confidence_logits
+            nodes += result.nodes_verified
+            ranks += result.accepted_ranks
             new_tokens += result.new_tokens
             seconds += result.seconds
             self.progress.update(len(batch))
-        return SetRun(acc, prop, conf, new_tokens, seconds, warm)
+        return SetRun(acc, prop, conf, new_tokens, seconds, warm, nodes, ranks)
 
 
 def _calibration(draft, run_rounds, temperatures) -> dict:
@@ -281,11 +298,13 @@ MACRO_KEYS = (
     "speedup",
     "ece",
 )
+TREE_KEYS = ("nodes_verified_per_round", "tau_per_verified_node", "share_rounds_off_rank0", "per_depth_acceptance")
+RANK_TREE = (63, 4, 4)  # the full tree the per-rank factors are measured on (trees §3), capped at its capacity
 
 
-def _row(s: EncodedSet, label: str, draft, verify: str, run: SetRun, plain: SetRun | None, limits) -> dict:
-    """One results row; limits = (max_new_tokens, the target's context length)."""
-    from dspark_jax.metrics import speculative_metrics
+def _row(s: EncodedSet, label: str, draft, verify: str, run: SetRun, plain: SetRun | None, limits, tree=None) -> dict:
+    """One results row; limits = (max_new_tokens, the target's context length); tree: the TreeConfig or None."""
+    from dspark_jax.metrics import speculative_metrics, tree_metrics
 
     max_new_tokens, context_len = limits
     row = {"benchmark": s.name, "domain": s.domain, "draft": label, "verify": verify, "num_prompts": len(s.prompts)}
@@ -297,7 +316,12 @@ def _row(s: EncodedSet, label: str, draft, verify: str, run: SetRun, plain: SetR
     row |= {"new_tokens": run.new_tokens, "seconds": run.seconds, "tokens_per_s": tps, "timed_warm": run.warm}
     row |= {"plain_tokens_per_s": plain_tps, "speedup": tps / plain_tps if tps and plain_tps else None}
     row["ece"] = None
-    if draft.config.enable_confidence_head and verify == "full":
+    if tree is not None:
+        row["tree"] = f"{tree.nodes},{tree.branch},{tree.beam}"
+        row["tree_mode"] = tree.mode
+        block = draft.config.block_size
+        row |= tree_metrics(run.acceptance_lengths, run.nodes_verified, run.accepted_ranks, block, tree.branch)
+    elif draft.config.enable_confidence_head and verify == "full":
         cal = _calibration(draft, _rounds(run), draft.calibration)
         row["calibration_raw"] = cal["raw"]
         row["ece"] = cal["raw"]["summary"]["ece"]
@@ -331,7 +355,25 @@ def _resolve(args: EvalArgs) -> EvalArgs:
         raise UsageError(f"--save-calibration fits on full blocks; got --verify {args.verify} (accepted: full)")
     if args.save_calibration and args.drafts and len(args.drafts.split(",")) > 1:
         raise UsageError("--save-calibration fits one draft; give --draft, not several --drafts")
+    _tree(args)
+    if args.tree is not None and args.save_calibration:
+        raise UsageError(
+            f"--save-calibration fits on chain rounds (it measures its own trees); drop --tree {args.tree}"
+        )
+    if args.tree is not None and "scheduler" in _policies(args):
+        raise UsageError(
+            f"--verify scheduler is not available with --tree {args.tree} yet (accepted: full, threshold:X)"
+        )
     return args
+
+
+def _tree(args: EvalArgs):
+    """--tree / --tree-mode as a TreeConfig (None without --tree); raises UsageError naming the flag."""
+    from dspark_jax.decoding.tree import MODES, TreeConfig
+
+    if args.tree_mode not in MODES:
+        raise UsageError(f"--tree-mode must be one of {', '.join(MODES)}, got {args.tree_mode!r}")
+    return None if args.tree is None else TreeConfig.parse(args.tree, args.tree_mode)
 
 
 def _policies(args: EvalArgs) -> list[str]:
@@ -344,7 +386,11 @@ def _policies(args: EvalArgs) -> list[str]:
 def _draft_paths(args: EvalArgs) -> list[tuple[str, str]]:
     """(label, path or hub id) per draft, in order."""
     if args.target is not None and args.draft is None and args.drafts is None:
-        raise UsageError("--target without --draft: pass --draft PATH|ID or --drafts A,B")
+        from dspark_jax.loading import has_own_draft
+
+        if not has_own_draft(args.target):  # a DeepSeek-V4 -DSpark folder carries its own draft (V4 §4)
+            raise UsageError("--target without --draft: pass --draft PATH|ID or --drafts A,B")
+        return [(os.path.basename(os.path.normpath(args.target)) or args.target, args.target)]
     items = [d.strip() for d in args.drafts.split(",") if d.strip()] if args.drafts else [args.draft or "dspark"]
     if not items:
         raise UsageError("--drafts is empty; give comma-separated draft folders or hub ids")
@@ -368,11 +414,12 @@ def run(args: EvalArgs, mesh=None) -> dict:
 
     import dspark_jax as dj
     from dspark_jax import eval_data
-    from dspark_jax.checkpoints import save_calibration
+    from dspark_jax.checkpoints import CALIBRATION_FILE, save_calibration
     from dspark_jax.decoding.calibration import fit_temperatures
     from dspark_jax.metrics import macro_average
 
     args = _resolve(args)
+    tree = _tree(args)
     policies = _policies(args)
     draft_paths = _draft_paths(args)
     text_sets = None
@@ -417,14 +464,19 @@ def run(args: EvalArgs, mesh=None) -> dict:
             for policy in policies:
                 for s in sets:
                     bar.set_description(f"{label} {policy} {s.name}")
-                    run_ = runner.run(draft, label, policy, s.prompts)
+                    run_ = runner.run(draft, label, policy, s.prompts, tree)
                     runs[(label, policy, s.name)] = run_
                     limits = (args.max_new_tokens, context_len)
-                    rows.append(_row(s, label, draft, policy, run_, plain.get(s.name), limits))
+                    rows.append(_row(s, label, draft, policy, run_, plain.get(s.name), limits, tree))
+        if args.save_calibration and args.temperature > 0:  # greedy rows score trees by probabilities: no factors
+            label, draft = drafts[0]
+            bar.total += sum(len(s.prompts) for s in sets)
+            rank_tree = _rank_tree(draft, args)
+            rank_runs = [runner.run(draft, f"{label} rank factors", "full", s.prompts, rank_tree) for s in sets]
     out = {}
     calibration = {}
     for label, draft in drafts:
-        if not (draft.config.enable_confidence_head and "full" in policies):
+        if not (draft.config.enable_confidence_head and "full" in policies) or tree is not None:
             continue
         pooled = [_rounds(runs[(label, "full", s.name)]) for s in sets]
         z, accepted, proposed = (np.concatenate([p[i] for p in pooled]) for i in range(3))
@@ -435,6 +487,14 @@ def run(args: EvalArgs, mesh=None) -> dict:
             fitted = _calibration(draft, (z, accepted, proposed), temps)["calibrated"]
             info = {"rounds": int(z.shape[0]), "ece_raw": raw["summary"]["ece"], "ece_fitted": fitted["summary"]["ece"]}
             info["fitted_on"] = dataclasses.asdict(args)
+            if args.temperature > 0:
+                out["rank_factors"] = _rank_factors(rank_tree, draft.config.block_size, rank_runs, sets)
+                info["rank_factors"] = out["rank_factors"]["factors"]
+                info["rank_factors_measured"] = {k: v for k, v in out["rank_factors"].items() if k != "factors"}
+            elif getattr(draft, "rank_factors", None) is not None:  # greedy rounds measure none: keep the old ones
+                with open(os.path.join(draft.path, CALIBRATION_FILE)) as f:
+                    previous = json.load(f)
+                info |= {k: previous[k] for k in ("rank_factors", "rank_factors_measured") if k in previous}
             out["calibration_file"] = save_calibration(draft.path, temps, draft.config.block_size, info)
             for row in rows:  # the rows now report the fitted temperatures
                 if row["draft"] == label and row["verify"] == "full":
@@ -453,13 +513,14 @@ def run(args: EvalArgs, mesh=None) -> dict:
                 "reliability_calibrated": cal["reliability_calibrated"],
             }
     macro = []
+    macro_keys = MACRO_KEYS + (TREE_KEYS if tree is not None else ())
     for label, _ in drafts:
         for policy in policies:
             group = [r for r in rows if (r["draft"], r["verify"]) == (label, policy)]
             macro.append(
                 {"benchmark": "macro-average", "draft": label, "verify": policy, "benchmarks": len(group)}
                 | {"num_prompts": sum(r["num_prompts"] for r in group)}
-                | macro_average(group, MACRO_KEYS)
+                | macro_average(group, macro_keys)
             )
     config = dataclasses.asdict(args) | {
         "target": args.target or DEFAULT_TARGET,
@@ -478,6 +539,33 @@ def run(args: EvalArgs, mesh=None) -> dict:
     return results
 
 
+def _rank_tree(draft, args: EvalArgs):
+    """The full tree the per-rank factors are measured on (trees §3): RANK_TREE capped at the block's capacity, in
+    the calibration's mode, with the fallback factors so that a stored measurement never steers the next one (the
+    loop supplies the draft's current temperatures)."""
+    from dspark_jax.decoding.tree import RANK_FACTOR_FALLBACK, TreeConfig
+
+    block = draft.config.block_size
+    n, k, w = RANK_TREE
+    fallback = tuple(tuple(RANK_FACTOR_FALLBACK**r for r in range(k)) for _ in range(block))
+    return TreeConfig(min(n, TreeConfig(n, k, w).capacity(block)), k, w, args.tree_mode, rank_factors=fallback)
+
+
+def _rank_factors(tree, block: int, rank_runs: list[SetRun], sets: list[EncodedSet]) -> dict:
+    """Per-rank factors c_{d,r} from the accepted-rank histogram of the full-tree runs, pooled over the sets."""
+    from dspark_jax.metrics import accepted_rank_histogram, rank_factors
+
+    hist = sum(accepted_rank_histogram(run.accepted_ranks, block, tree.branch) for run in rank_runs)
+    return {
+        "factors": rank_factors(hist).tolist(),
+        "tree": f"{tree.nodes},{tree.branch},{tree.beam}",
+        "mode": tree.mode,
+        "rounds": int(sum(len(a) for run in rank_runs for a in run.acceptance_lengths)),
+        "accepted_rank_histogram": hist.tolist(),
+        "sets": [s.name for s in sets],
+    }
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 SLOT_COLUMNS = (("accept", "conditional_acceptance"), ("survival", "prefix_survival"))
@@ -492,6 +580,7 @@ CSV_SCALARS = (
     "speedup",
     "ece",
 )
+CSV_TREE_SCALARS = ("tree", "tree_mode", "nodes_verified_per_round", "tau_per_verified_node", "share_rounds_off_rank0")
 
 
 def _fmt(value) -> str:
@@ -506,14 +595,15 @@ def results_csv(results: dict) -> str:
     """One line per benchmark, draft and policy, then the macro averages: the paper's Table 1 layout."""
     table = results["rows"] + results["macro_average"]
     slots = max((len(r.get("conditional_acceptance") or []) for r in table), default=0)
-    header = ["benchmark", "domain", "draft", "verify", *CSV_SCALARS]
+    scalars = CSV_SCALARS + (CSV_TREE_SCALARS if any("tree" in r for r in table) else ())
+    header = ["benchmark", "domain", "draft", "verify", *scalars]
     header += [f"{short}@{j}" for short, _ in SLOT_COLUMNS for j in range(slots)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for r in table:
         line = [r.get("benchmark"), r.get("domain", ""), r["draft"], r["verify"]]
-        line += [_fmt(r.get(k)) for k in CSV_SCALARS]
+        line += [_fmt(r.get(k)) for k in scalars]
         for _, key in SLOT_COLUMNS:
             values = list(r.get(key) or [])
             line += [_fmt(v) for v in values + [None] * (slots - len(values))]
@@ -531,6 +621,8 @@ def results_table(results: dict) -> str:
         n = r.get("num_prompts", "")
         tps, sp = r.get("tokens_per_s"), r.get("speedup")
         acc = " ".join(f"{a:.2f}" for a in (r.get("conditional_acceptance") or []) if a is not None)
+        if r.get("nodes_verified_per_round") is not None:  # tree rounds: slots are depths
+            acc += f" | {r['nodes_verified_per_round']:.1f} nodes/round, tau/node {r['tau_per_verified_node']:.3f}"
         tau = r.get("tau")
         lines.append(
             f"{r['benchmark']:<16}{r['draft']:<12}{r['verify']:<14}{n!s:>5}"

@@ -34,6 +34,7 @@ from dspark_jax.configs import (
     Qwen3MoeConfig,
     read_config_json,
 )
+from dspark_jax.decoding.calibration import load_rank_factors
 from dspark_jax.errors import DSparkError, UsageError
 from dspark_jax.hub import HUB_PATTERNS, resolve
 from dspark_jax.models import DeepseekV4, DeepseekV4Draft, Draft, Gemma4, Qwen3, Qwen3Moe
@@ -71,13 +72,15 @@ class Target:
 @dataclasses.dataclass
 class DraftHandle:
     """A loaded DSpark / DFlash draft bound to its target. `calibration`: per-slot confidence temperatures f32[B]
-    from the folder's calibration.json (spec §10), or None (uncalibrated)."""
+    from the folder's calibration.json (spec §10), or None (uncalibrated); `rank_factors`: the tree builder's
+    measured per-rank factors f32[B, K] from the same file (trees §3), or None (the 0.5^r fallback)."""
 
     config: DraftConfig
     graphdef: nnx.GraphDef
     state: nnx.State
     path: str
     calibration: np.ndarray | None = None
+    rank_factors: np.ndarray | None = None
 
     def module(self) -> Draft:
         return nnx.merge(self.graphdef, self.state)
@@ -171,7 +174,8 @@ def load_draft(path_or_id: str, target: Target, v4_options: dict | None = None) 
     bound = {("embed_tokens",): t["embed_tokens"][...], ("lm_head",): lm_head}
     graphdef, state = load_params(folder, kind, Draft, config, target.mesh, path_or_id, bound=bound)
     calibration = load_calibration(folder, config.block_size) if config.enable_confidence_head else None
-    return DraftHandle(config, graphdef, state, folder, calibration)
+    factors = load_rank_factors(folder, config.block_size)
+    return DraftHandle(config, graphdef, state, folder, calibration, factors)
 
 
 def has_own_draft(path_or_id: str) -> bool:

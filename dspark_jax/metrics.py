@@ -159,3 +159,61 @@ def macro_average(rows: list[dict], keys) -> dict:
         else:
             out[key] = float(np.mean(values))
     return out
+
+
+# ------------------------------------------------------------------------------------------- trees (trees §3, §9)
+
+RANK_FACTOR_FALLBACK = 0.5  # c_{d,r} = 0.5^r before measurement (trees §3); mirrors decoding.tree's constant
+RANK_PRIOR_ROUNDS = 1.0  # pseudo-rounds of the fallback mixed into each depth's counts (no factor is ever 0)
+
+
+def accepted_rank_histogram(accepted_ranks, block_size: int, branch: int) -> np.ndarray:
+    """i64[B, K] how often the accepted path's node at depth d had sibling rank r (draw order), over all rounds.
+
+    accepted_ranks: per prompt, per round, the ranks of the committed path nodes (GenerateResult.accepted_ranks).
+    """
+    hist = np.zeros((block_size, branch), np.int64)
+    for prompt in accepted_ranks:
+        for path in prompt:
+            for d, r in enumerate(path[:block_size]):
+                if 0 <= r < branch:
+                    hist[d, r] += 1
+    return hist
+
+
+def tree_metrics(acceptance_lengths, nodes_verified, accepted_ranks, block_size: int, branch: int) -> dict:
+    """Trees §9 over all rounds: nodes verified per round = sum N_v / rounds; tau per verified node = sum committed /
+    sum (N_v + 1) (the anchor row counts, as the chain's verify rate); the accepted-rank histogram per depth [B][K];
+    per-depth acceptance (rounds whose path passed depth d / rounds that reached it); the share of rounds whose
+    accepted path left the rank-0 chain (some node of rank > 0)."""
+    committed, verified = round_arrays(acceptance_lengths, nodes_verified)
+    rounds = committed.size
+    hist = accepted_rank_histogram(accepted_ranks, block_size, branch)
+    paths = [path for prompt in accepted_ranks for path in prompt]
+    depths = np.array([len(p) for p in paths], np.int64)
+    off_chain = sum(any(r > 0 for r in p) for p in paths)
+    per_depth = [float(np.sum(depths > d) / max(np.sum(depths >= d), 1)) for d in range(block_size)]
+    return {
+        "nodes_verified_per_round": float(verified.sum() / max(rounds, 1)),
+        "tau_per_verified_node": float(committed.sum() / max(verified.sum() + rounds, 1)),
+        "accepted_rank_histogram": hist.tolist(),
+        "per_depth_acceptance": per_depth,
+        "share_rounds_off_rank0": float(off_chain / max(len(paths), 1)),
+    }
+
+
+def rank_factors(histogram, prior: float = RANK_FACTOR_FALLBACK, strength: float = RANK_PRIOR_ROUNDS) -> np.ndarray:
+    """f64[B, K] per-rank factors c_{d,r} (trees §3) from an accepted-rank histogram [B, K] of full-tree rounds.
+
+    c_{d,r} estimates P(rank-r child accepted | parent accepted) / P(rank-0 child accepted | parent accepted): the
+    ratio of depth d's counts, each smoothed by `strength` pseudo-rounds of the fallback prior^r, so a depth with few
+    rounds stays near the fallback and a rank never seen accepted keeps a positive factor (log c is a score term).
+    Forced non-increasing in r; c_{d,0} = 1. A child the measuring tree left out counts as not accepted, so with
+    N below the tree's capacity the deep, high-rank factors lean low (conservative: such nodes are then verified
+    less often).
+    """
+    hist = np.asarray(histogram, np.float64)
+    fallback = prior ** np.arange(hist.shape[1], dtype=np.float64)
+    smoothed = hist + strength * fallback[None, :]
+    factors = smoothed / smoothed[:, :1]
+    return np.minimum.accumulate(factors, axis=1)

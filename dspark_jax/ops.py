@@ -87,22 +87,17 @@ def accept_tree(
     tokens, parents i32[batch, nodes] (parents[j] < j, -1 = the anchor); num_proposed i32[batch] (nodes
     [0, num_proposed) are verified); target_probs f32[batch, nodes + 1, vocab] (row 0 at the anchor, row 1 + j
     after node j); rows f32[batch, nodes, vocab] the law D_j each token was drawn from, or None when every row is
-    one_hot(tokens[j]) (deterministic candidates: the fast path builds no one-hots on the reference);
+    one_hot(tokens[j]) (deterministic candidates: the one-hot fast path of the reference and of the kernel, trees
+    §2.4, which builds no one-hots and streams no vocabulary on a rejection);
     uniforms f32[batch, nodes]; residual_uniforms f32[batch]. max_siblings: siblings are contiguous and at most
     this many (the tree builder's order; the kernel's unroll becomes O(nodes * max_siblings)).
     Returns (accept_len i32[batch], accepted_nodes i32[batch, nodes] padded with -1, next_token i32[batch]).
     """
     from pallas_kernels import _common
-    from pallas_kernels.verify import verify, verify_reference_onehot
+    from pallas_kernels.verify import verify
 
     impl = verify_impl(impl)
-    use_kernel = impl == "pallas" or (impl == "auto" and _common.has_accelerator())
-    if rows is None:
-        if not use_kernel:
-            return tuple(
-                verify_reference_onehot(tokens, parents, num_proposed, target_probs, uniforms, residual_uniforms)
-            )
-        rows = jax.nn.one_hot(tokens, target_probs.shape[-1], dtype=jnp.float32)
+    # rows None reaches the kernel's one-hot fast path, or the reference's (verify dispatches both).
     result = verify(
         tokens,
         parents,

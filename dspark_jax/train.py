@@ -1,6 +1,7 @@
-"""CLI: python -m dspark_jax.train — train a DSpark / DFlash draft against a frozen Qwen3 target (spec §9), or the
-target itself on next-token CE; one flag per TrainConfig field. The trained model is exported next to the run's
-checkpoints and metrics (DeepSpec layout for drafts, HF Qwen3 layout for targets).
+"""CLI: python -m dspark_jax.train — train a DSpark / DFlash draft against a frozen Qwen3 or DeepSeek-V4 target
+(spec §9, V4 §4), or the target itself on next-token CE; one flag per TrainConfig field. The trained model is
+exported next to the run's checkpoints and metrics (DeepSpec layout for Qwen3 drafts, HF Qwen3 layout for Qwen3
+targets, the native V4 layout for V4 targets and a V4 -DSpark folder, target + mtp.*, for V4 drafts).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import shutil
 import sys
 
 from dspark_jax.cli_util import OneLineArgumentParser
-from dspark_jax.configs import DraftConfig, Qwen3Config, read_config_json
+from dspark_jax.configs import DeepseekV4Config, DraftConfig, Qwen3Config, read_config_json
 from dspark_jax.errors import DSparkError, UsageError
 from dspark_jax.training.config import MODES, TrainConfig
 
+# The MoE dispatch of training steps: exact like every variant, with a static shape that reverse mode can take.
+TRAIN_MOE_IMPL = "dense"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -42,7 +45,8 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--target", help="target folder or hub id (the frozen teacher, or the model trained in mode target)")
     p.add_argument(
         "--target-config",
-        help="mode target: HF Qwen3 config.json for a fresh random target (instead of --target; needs --tokenizer)",
+        help="mode target: an HF Qwen3 or DeepSeek-V4 config.json for a fresh random target (instead of --target; "
+        "needs --tokenizer)",
     )
     p.add_argument(
         "--data",
@@ -111,6 +115,8 @@ def _training_model_config(config, compute: str):
     """`config` computing in `compute` with f32 master weights (spec §9.5)."""
     model = config.model if hasattr(config, "model") else config
     model = dataclasses.replace(model, dtype=compute, param_dtype="float32")
+    if isinstance(model, DeepseekV4Config):  # 'auto' (blocked) loops a data-dependent count: no reverse mode
+        model = dataclasses.replace(model, moe_impl=TRAIN_MOE_IMPL)
     return dataclasses.replace(config, model=model) if hasattr(config, "model") else model
 
 
@@ -141,6 +147,68 @@ def _draft_config_from_json(path: str, target) -> DraftConfig:
     return config
 
 
+def _target_class(config):
+    from dspark_jax.models import DeepseekV4, Qwen3
+
+    return DeepseekV4 if isinstance(config, DeepseekV4Config) else Qwen3
+
+
+def _v4_draft_job(cfg: TrainConfig, compute: str, target):
+    """A DeepSeek-V4 DSpark draft (V4 §4) against the loaded V4 `target`: fresh from --draft-config (training/v4.py's
+    fields; `use_markov: false` = the DFlash-style twin) or continued from a -DSpark folder."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dspark_jax import loading
+    from dspark_jax.models import DeepseekV4, DeepseekV4Draft
+    from dspark_jax.training import v4
+    from dspark_jax.training.loop import TrainJob
+    from dspark_jax.training.losses import DFLASH_LOSS_WEIGHTS, DSPARK_LOSS_WEIGHTS
+
+    if cfg.draft is not None:
+        handle = loading.load_draft(cfg.draft, target)
+        config = _training_model_config(handle.config, compute)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepseekV4Draft(config, rngs=nnx.Rngs(0))))
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), handle.state))
+        use_markov = bool(jnp.any(model.markov_head.markov_w2[...] != 0))  # a zero head is the DFlash twin's
+        num_anchors = v4.V4_DEFAULTS["num_anchors"]
+    else:
+        fields = _read_json(cfg.draft_config, "--draft-config")
+        config, extras = v4.draft_settings(fields, target.config, cfg.draft_config)
+        config = _training_model_config(config, compute)
+        use_markov, num_anchors = extras["use_markov"], extras["num_anchors"]
+        model = DeepseekV4Draft(config, rngs=nnx.Rngs(cfg.seed))
+        t = target.state
+        head = t["embed"][...].T if target.config.tie_word_embeddings else t["head"][...]
+        model.embed[...] = jnp.asarray(t["embed"][...], jnp.float32)  # the target's arrays, Frozen (V4 §4)
+        model.head[...] = jnp.asarray(head, jnp.float32)
+        if not use_markov:
+            v4.zero_markov(model)
+    gd, params, frozen = nnx.split(model, v4.trainable_filter(use_markov), ...)
+    is_dspark = use_markov or config.enable_confidence_head
+    weights = cfg.loss_weights or (DSPARK_LOSS_WEIGHTS if is_dspark else DFLASH_LOSS_WEIGHTS)
+    teacher_graphdef, teacher_state = target.graphdef, target.state
+    if compute != "float32":  # the frozen teacher only runs forward: keep it in the compute dtype
+        teacher_config = target.config.with_dtype(compute)
+        teacher_graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepseekV4(teacher_config, rngs=nnx.Rngs(0))))
+        teacher_state = jax.tree.map(
+            lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, target.state
+        )
+    job = TrainJob(
+        "draft",
+        gd,
+        params,
+        frozen,
+        teacher_graphdef,
+        teacher_state,
+        tuple(config.target_layer_ids),
+        cfg.num_anchors or num_anchors,
+        tuple(weights),
+    )
+    return job, config, target
+
+
 def build_job(cfg: TrainConfig, compute: str):
     """Load the models named by `cfg` and split them for training: (TrainJob, model config for export, target)."""
     import jax
@@ -155,19 +223,21 @@ def build_job(cfg: TrainConfig, compute: str):
 
     f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
     if cfg.mode == "target" and cfg.target_config is not None:
-        config = _training_model_config(
-            Qwen3Config.from_hf_dict(_read_json(cfg.target_config, "--target-config"), cfg.target_config), compute
-        )
-        gd, params, frozen = split_trainable(Qwen3(config, rngs=nnx.Rngs(cfg.seed)))  # N(0, 0.02^2), norms 1
+        fields = _read_json(cfg.target_config, "--target-config")
+        kind = DeepseekV4Config if DeepseekV4Config.is_hf_dict(fields) else Qwen3Config
+        config = _training_model_config(kind.from_hf_dict(fields, cfg.target_config), compute)
+        gd, params, frozen = split_trainable(_target_class(config)(config, rngs=nnx.Rngs(cfg.seed)))  # N(0, 0.02^2)
         return TrainJob("target", gd, params, frozen), config, None
     if cfg.mode == "target":
         target = loading.load_target(cfg.target, dtype="float32")
         config = _training_model_config(target.config, compute)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: _target_class(config)(config, rngs=nnx.Rngs(0))))
         gd, params, frozen = split_trainable(nnx.merge(graphdef, target.state))
         return TrainJob("target", gd, params, frozen), config, target
     # f32 first: a continued draft is loaded in the target's param dtype and must keep full-precision masters.
     target = loading.load_target(cfg.target, dtype="float32")
+    if isinstance(target.config, DeepseekV4Config):
+        return _v4_draft_job(cfg, compute, target)
     if cfg.draft is not None:
         handle = loading.load_draft(cfg.draft, target)
         config = _training_model_config(handle.config, compute)
@@ -202,14 +272,100 @@ def build_job(cfg: TrainConfig, compute: str):
     return job, config, target
 
 
+# ------------------------------------------------------------------------------------------- V4 export (V4 §3, §4.2)
+
+# Each accepted-spelling alternative of the loader's key maps -> the native spelling we write.
+_NATIVE = (
+    (r"(?:model\.)?", ""),
+    (r"(?:model\.embed_tokens|embed)", "embed"),
+    (r"(?:lm_head|head)", "head"),
+    (r"(?:model\.hc_head\.hc_|hc_head_)", "hc_head_"),
+    (r"(?:markov_w1|embed)", "markov_w1"),
+    (r"(?:markov_w2|head)", "markov_w2"),
+    (r"(?:kv_)?", "kv_"),
+)
+
+
+def native_keymap(keymap, last_stage: int = 0):
+    """The loader's key map with one spelling per entry (native), so it inverts to unique checkpoint keys; the
+    draft's un-numbered `mtp.\\d+.` rows (final norm, hc_head, heads) name the last stage."""
+    out = []
+    for pattern, tpl, fn in keymap:
+        for alt, native in _NATIVE:
+            pattern = pattern.replace(alt, native)
+        pattern = pattern.replace(r"mtp\.\d+\.", rf"mtp\.{last_stage}\.")
+        out.append((pattern, tpl, fn))
+    return tuple(out)
+
+
+def v4_tensors(state, keymap, dtype: str, skip: tuple[tuple, ...] = ()) -> dict:
+    """{native key: array} of a V4 state; float arrays cast to `dtype`, integer tables (tid2eid) kept."""
+    import numpy as np
+
+    from conversion.export import EXPORT_DTYPES, INVERSES, inverse_keymap
+    from conversion.transforms import TRANSFORMS
+
+    flat = [(p, np.asarray(v.get_value())) for p, v in state.flat_state() if p not in skip]
+    plan = inverse_keymap(keymap, [p for p, _ in flat])
+    out = {}
+    for path, array in flat:
+        key, fn = plan[path]
+        array = np.ascontiguousarray(INVERSES[fn](array, tuple(TRANSFORMS[fn].source_shape(tuple(array.shape)))))
+        out[key] = array.astype(EXPORT_DTYPES[dtype]) if np.issubdtype(array.dtype, np.floating) else array
+    return out
+
+
+def _write_v4(dst: str, tensors: dict, config: dict, extra_files: tuple[str, ...]) -> None:
+    from conversion.reader import save_safetensors
+    from dspark_jax.checkpoints import atomic_dir
+
+    with atomic_dir(dst) as tmp:
+        save_safetensors(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
+        for path in extra_files:
+            shutil.copy2(path, tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def export_v4_target(dst: str, config: DeepseekV4Config, state, dtype: str, extras=()) -> None:
+    """A V4 target state -> native-layout folder (model.safetensors + config.json [+ tokenizer files])."""
+    from conversion.keymaps.deepseek_v4 import DEEPSEEK_V4_KEYMAP
+
+    d = {**config.to_hf_dict(), "torch_dtype": dtype}
+    _write_v4(dst, v4_tensors(state, native_keymap(DEEPSEEK_V4_KEYMAP), dtype), d, tuple(extras))
+
+
+def export_v4_draft(dst: str, config, state, target, dtype: str) -> None:
+    """A V4 -DSpark folder (V4 §4.2): the target's tensors plus the draft under mtp.0..S-1, one config.json with the
+    dspark_* fields, the target's tokenizer files. `target` is the loading.Target the draft was trained against."""
+    from conversion.keymaps.deepseek_v4 import DEEPSEEK_V4_DRAFT_KEYMAP, DEEPSEEK_V4_KEYMAP
+
+    tensors = v4_tensors(target.state, native_keymap(DEEPSEEK_V4_KEYMAP), dtype)
+    keymap = native_keymap(DEEPSEEK_V4_DRAFT_KEYMAP, config.num_stages - 1)
+    tensors.update(v4_tensors(state, keymap, dtype, skip=(("embed",), ("head",))))  # bound: the target's own
+    d = {**target.config.to_hf_dict(), **config.to_hf_fields(), "torch_dtype": dtype}
+    d["compress_ratios"] = list(target.config.compress_ratios) + [0] * config.num_stages  # stages are SWA-only
+    names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+    extras = tuple(p for p in (os.path.join(target.path, n) for n in names) if os.path.isfile(p))
+    _write_v4(dst, tensors, d, extras)
+
+
 def _export(cfg: TrainConfig, config, state, target) -> None:
     """Write the trained model into output_dir itself (config.json last, so a folder with one is complete)."""
     from conversion.export import export_draft, export_target
 
     tmp = os.path.join(cfg.output_dir, ".export")
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.mode == "draft":
+    if cfg.mode == "draft" and isinstance(target.config, DeepseekV4Config):
+        export_v4_draft(tmp, config, state, target, cfg.export_dtype)  # a -DSpark folder: target + mtp.*
+    elif cfg.mode == "draft":
         export_draft(tmp, config, state, cfg.export_dtype)
+    elif isinstance(config, DeepseekV4Config):
+        folders = [os.path.dirname(os.path.abspath(cfg.tokenizer))] if target is None else [target.path]
+        extras = tuple(
+            os.path.join(folders[0], f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folders[0], f))
+        )
+        export_v4_target(tmp, config, state, cfg.export_dtype, extras)
     else:
         folders = [os.path.dirname(os.path.abspath(cfg.tokenizer))] if target is None else [target.path]
         extras = tuple(

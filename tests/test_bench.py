@@ -60,8 +60,13 @@ def test_bench_tiny_shape_writes_every_field(tmp_path, capsys):
     assert entry["plain"]["tau"] == 1.0
     # Greedy speculative decoding is lossless: the same tokens as plain decoding.
     assert entry["plain"]["tokens_sha256"] == entry["speculative"]["tokens_sha256"]
-    assert entry["speedup"] > 0 and entry["prefill_excluded"]
+    assert entry["speedup"] > 0
     split, plain_split = entry["split"], entry["plain_split"]
+    # Prefill is taken out of both per-round figures, or (when load made the difference of timings non-positive)
+    # out of neither.
+    prefill = split["prefill_s"] if entry["prefill_excluded"] else 0.0
+    spec = entry["speculative"]
+    assert entry["round_s"] == pytest.approx((spec["median_s"] - prefill) / spec["max_rounds"])
     parts = ("draft_backbone_s", "sequential_head_s", "verify_s", "accept_commit_s")
     assert all(split[k] >= 0 for k in parts)  # differences of timings: 0 when noise hides a piece
     assert split["pieces_sum_s"] == pytest.approx(sum(split[k] for k in parts))
@@ -86,6 +91,40 @@ def test_bench_embedded_pair_without_split(tmp_path, capsys):
     assert entry["plain"]["tokens_sha256"] == entry["speculative"]["tokens_sha256"]
     assert "split" not in entry and entry["roofline"]["achieved_gb_per_s"] > 0 and not entry["prefill_excluded"]
     assert "1.0" in entry["projected_speedup"]
+
+
+@pytest.mark.slow  # two loops to compile (plain and a tree)
+def test_bench_tree_rounds(tmp_path, capsys):
+    """--tree: the speculative entry carries the trees §9 metrics, greedy trees equal plain decoding, and the
+    chain-only split is skipped with its reason."""
+    report = _run([*TINY, *FAST, "--tree", "7,2,2"], tmp_path, capsys)
+    assert report["errors"] == [] and report["config"]["tree"] == "7,2,2"
+    assert [s["stage"] for s in report["skipped"]] == ["split"] and "chain" in report["skipped"][0]["reason"]
+    (entry,) = report["results"]
+    spec = entry["speculative"]
+    _check_generate(spec)
+    assert spec["tokens_sha256"] == entry["plain"]["tokens_sha256"]  # lossless at T = 0
+    assert (spec["tree"], spec["tree_mode"]) == ("7,2,2", "auto")
+    assert spec["nodes_verified_per_round"] == pytest.approx(spec["mean_proposal"])
+    assert spec["tau_per_verified_node"] == pytest.approx(spec["tau"] / (spec["nodes_verified_per_round"] + 1))
+    hist = np.array(spec["accepted_rank_histogram"])
+    assert hist.shape == (7, 2) and hist.sum() == sum(i * n for i, n in enumerate(spec["acceptance_histogram"][1:]))
+    assert 0 <= spec["share_rounds_off_rank0"] <= 1 and "split" not in entry
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--tree", "0,2"], ["tree nodes", "0"]),
+        (["--tree", "7", "--tree-mode", "beam"], ["--tree-mode", "'beam'"]),
+        (["--tree", "7", "--verify", "scheduler"], ["scheduler", "--tree 7"]),
+    ],
+)
+def test_bad_tree_is_one_line_exit_2(tmp_path, capsys, extra, words):
+    assert bench.main([*TINY, *extra, "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_bad_verify_impl_is_a_usage_error(tmp_path, monkeypatch, capsys):

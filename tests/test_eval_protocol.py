@@ -218,6 +218,12 @@ def test_policy_needing_confidence_head_refused_before_decoding(sets, capsys, mo
         (["--num-prompts", "0"], ["--num-prompts", "0"]),
         (["--out", "results.json"], ["--out", "folder"]),
         (["--data", "x.jsonl", "--data-dir", "."], ["--data"]),
+        (["--tree", "0"], ["tree nodes", "positive", "0"]),
+        (["--tree", "a,b"], ["N[,K[,W]]", "'a,b'"]),
+        (["--tree", "7,2,3"], ["tree beam", "branch factor 2", "3"]),
+        (["--tree", "15", "--tree-mode", "beam"], ["--tree-mode", "swor", "'beam'"]),
+        (["--tree", "15", "--verify", "scheduler"], ["scheduler", "--tree 15", "full"]),
+        (["--tree", "15", "--save-calibration"], ["--save-calibration", "--tree 15"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, words):

@@ -226,6 +226,9 @@ def test_greedy_lossless_scheduler(tiny, prompts, plain, bigram_drafts, monkeypa
     prep = loop.prepare(tiny, draft, prompts, max_new_tokens=MAX_NEW, verify="scheduler")
     assert prep.width_seconds.shape == (len(prep.spec.widths),) and np.all(prep.width_seconds > 0)
     assert prep.plain_seconds > 0
+    # The first round's plan: the table's widest timing run's mean prefix confidences (non-increasing, in [0, 1]).
+    assert prep.prior.shape == (4,) and np.all(np.diff(prep.prior) <= 1e-6)
+    assert 0.0 <= prep.prior.min() and prep.prior.max() <= 1.0
     cold = dataclasses.replace(draft, calibration=np.full(4, 0.25, np.float32))  # confidences pushed to 0 / 1
     monkeypatch.setattr(loop, "round_seconds_table", linear_round_seconds)
     result = dj.generate(tiny, cold, prompts, max_new_tokens=MAX_NEW, verify="scheduler")

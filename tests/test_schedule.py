@@ -4,6 +4,7 @@ literal one, its draft gate, temperature fitting, calibration metrics and files.
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from dspark_jax import metrics
 from dspark_jax.decoding import calibration
 from dspark_jax.decoding.schedule import (
     MAX_PROBE_EVERY,
+    NEVER,
+    PRIOR_PROBE_EVERY,
+    PROBE_BUDGET,
     PROBE_EVERY,
     SchedulerState,
     plan_width,
@@ -59,21 +63,82 @@ def test_plan_width_extremes():
 
 
 def test_gate_backs_off_and_resets():
+    """Probes that barely fail (waste 5% of a round: the cost floor is 3 rounds) back off by doubling."""
     sched = SchedulerState.initial(np.ones(3), [1.0, 1.0], 1.0, 2)
     assert bool(sched.drafting) and int(sched.probe_every) == PROBE_EVERY
-    off = sched.after_round(jnp.float32(1.0), jnp.int32(2))  # 1 token/s against plain's 2: stop drafting
+    off = sched.after_round(jnp.float32(1.9), jnp.int32(2))  # 1.9 tokens/s against plain's 2: stop drafting
     assert not bool(off.drafting) and int(off.probe_every) == 2 * PROBE_EVERY
     for _ in range(2 * PROBE_EVERY - 1):
         off = off.after_round(jnp.float32(0.0), jnp.int32(2))
         assert not bool(off.drafting)
     probe = off.after_round(jnp.float32(0.0), jnp.int32(2))
     assert bool(probe.drafting)  # the probe round
-    assert int(probe.after_round(jnp.float32(1.0), jnp.int32(2)).probe_every) == 4 * PROBE_EVERY  # still no
+    assert int(probe.after_round(jnp.float32(1.9), jnp.int32(2)).probe_every) == 4 * PROBE_EVERY  # still no
     assert int(probe.after_round(jnp.float32(3.0), jnp.int32(2)).probe_every) == PROBE_EVERY  # pays again
     capped = dataclasses.replace(sched, probe_every=jnp.int32(MAX_PROBE_EVERY))
     assert int(capped.after_round(jnp.float32(0.0), jnp.int32(2)).probe_every) == MAX_PROBE_EVERY
     forced = SchedulerState.initial(np.ones(3), [1.0, 1.0], 1.0, 2, forced=1)
     assert bool(forced.after_round(jnp.float32(0.0), jnp.int32(2)).drafting)  # measuring: the draft stays on
+
+
+def test_probe_interval_follows_the_waste():
+    """A probe that wastes a lot waits until its waste is PROBE_BUDGET of the plain rounds in between."""
+    sched = SchedulerState.initial(np.ones(3), [1.0, 1.5], 1.0, 4)
+    # theta 1 against plain's 4 tokens/s: 3/4 of a 1.5 s probe round is waste, 1.125 s / (0.02 * 1 s) = 57 rounds.
+    off = sched.after_round(jnp.float32(1.0), jnp.int32(4), jnp.float32(1.5))
+    assert not bool(off.drafting) and int(off.probe_every) == int(np.ceil(1.125 / PROBE_BUDGET))
+    default = sched.after_round(jnp.float32(1.0), jnp.int32(4))  # the cheapest round stands in: 0.75 s of waste
+    assert int(default.probe_every) == int(np.ceil(0.75 / PROBE_BUDGET))
+    huge = sched.after_round(jnp.float32(0.0), jnp.int32(4), jnp.float32(100.0))
+    assert int(huge.probe_every) == MAX_PROBE_EVERY
+
+
+@pytest.mark.parametrize(
+    "seconds, plain, prior, drafting, probe_every",
+    [
+        ([1.1, 1.2, 1.6], 1.0, None, True, PROBE_EVERY),  # unknown prior (ones): width 4 gives 4 tokens in 1.6 s
+        ([1.1, 1.2, 1.6], 1.0, [0.9, 0.8, 0.7], True, PROBE_EVERY),  # 3.4 tokens in 1.6 s beat 1 in 1 s
+        ([1.1, 1.2, 1.6], 1.0, [0.1, 0.0, 0.0], False, PRIOR_PROBE_EVERY),  # best 1.1 tokens in 1.2 s
+        ([1.5, 2.0, 3.0], 1.0, [0.0, 0.0, 0.0], False, PRIOR_PROBE_EVERY),  # 1 token in 1.5 s: waste 0.5 s
+        ([2.0, 3.0, 5.0], 1.0, None, False, NEVER),  # even accepted drafts lose (4 tokens take 5 plain rounds)
+    ],
+)
+def test_first_round_is_planned_on_the_prior(seconds, plain, prior, drafting, probe_every):
+    sched = SchedulerState.initial(np.ones(3), seconds, plain, 2, prior=prior, widths=[1, 2, 4])
+    assert bool(sched.drafting) == drafting
+    assert int(sched.probe_every) == probe_every
+    assert int(sched.idle_rounds) == 0
+    if prior is not None:
+        assert np.allclose(np.asarray(sched.prior), np.broadcast_to(prior, (2, 3)))
+
+
+def drafted_rounds(sched, n, theta, rows):
+    """bool[n]: which of n rounds draft under the gate, when a drafting round's plan makes `theta` tokens/s."""
+
+    def step(state, _):
+        return state.after_round(jnp.where(state.drafting, theta, 0.0), rows), state.drafting
+
+    return np.asarray(jax.lax.scan(step, sched, None, length=n)[1])
+
+
+def test_hopeless_and_switched_off_gates_never_probe():
+    hopeless = SchedulerState.initial(np.ones(3), [2.0, 3.0, 5.0], 1.0, 2, widths=[1, 2, 4])
+    off = SchedulerState.initial(np.ones(3), [1.0, 1.0, 1.0], 1.0, 2, drafting=False, widths=[1, 2, 4])
+    for sched in (hopeless, off):
+        assert not drafted_rounds(sched, 4 * MAX_PROBE_EVERY, jnp.float32(0.0), jnp.int32(2)).any()
+    measuring = SchedulerState.initial(np.ones(3), [2.0, 3.0, 5.0], 1.0, 2, widths=[1, 2, 4], forced=2)
+    assert bool(measuring.drafting)  # the cost table's timing runs draft whatever the table says
+
+
+def test_probes_cost_at_most_the_budget():
+    """Over a long decode where drafting never pays, the probes' waste stays within PROBE_BUDGET of plain time."""
+    seconds, plain, rows, theta = np.float32([1.5, 1.8, 2.5]), 1.0, 16, 8.0  # a probe makes 8 tokens/s, plain 16
+    sched = SchedulerState.initial(np.ones(3), seconds, plain, rows, widths=[1, 2, 4])
+    n = 4000
+    drafted = drafted_rounds(sched, n, jnp.float32(theta), jnp.int32(rows))
+    assert drafted[0] and 3 <= drafted.sum() <= 12  # the first round (planned on ones), then probes backing off
+    waste = drafted.sum() * seconds[0] * (1 - theta / rows * plain)  # each probe's seconds beyond plain's
+    assert waste <= seconds[0] + PROBE_BUDGET * n * plain
 
 
 # ------------------------------------------------------------------------------------------------- calibration

@@ -226,6 +226,25 @@ def test_greedy_tree_threshold_and_stops(tiny, drafts, prompts, plain):
         assert got == want[:cut]
 
 
+def cheap_round_seconds(target, draft, prep):
+    """A fixed stand-in for `loop.round_seconds_table`: a round at width w costs 1 + 0.1 (w - 1), a round without
+    the draft 1.2, so drafting pays and the scheduler verifies a node iff its s is worth about a tenth of a round."""
+    return 1.0 + 0.1 * (np.asarray(prep.spec.widths, np.float32) - 1), 1.2
+
+
+def test_greedy_tree_scheduler(tiny, drafts, prompts, plain, monkeypatch):
+    """verify="scheduler" with trees (trees §6) on a ragged batch and a fixed cost table: output equals plain greedy,
+    and the pooled greedy cut trees at several sizes (confidence scores, 0.5^r rank factors)."""
+    from dspark_jax.decoding import loop
+
+    monkeypatch.setattr(loop, "round_seconds_table", cheap_round_seconds)
+    tree = TreeConfig(7, 2, 2, score="conf")
+    res = dj.generate(tiny, drafts["markov"], prompts, max_new_tokens=MAX_NEW, tree=tree, verify="scheduler")
+    assert res.tokens == plain.tokens
+    sizes = {n for row in res.nodes_verified for n in row}
+    assert len(sizes) >= 3, sizes
+
+
 @pytest.mark.slow
 def test_greedy_tree_near_a_full_context(tiny, drafts):
     """A prompt 6 positions short of the context: trees are cut by the room left, output equals plain."""

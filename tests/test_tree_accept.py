@@ -104,6 +104,14 @@ def test_kernel_equals_reference_equals_numpy(kind, nodes, branch):
             np.testing.assert_array_equal(np.asarray(got), exp, err_msg=f"one-hot fast path: {name}")
         via_ops = ops.accept_tree(args[0], args[1], args[2], args[3], None, args[5], args[6])
         np.testing.assert_array_equal(np.asarray(via_ops[2]), ref[2])
+        # The kernel's one-hot path (no draft rows; rejections are scalar, trees §2.4), both variants.
+        for platform in ("gpu", "tpu") if nodes <= 7 else ("gpu",):
+            kernel = verify(
+                *args[:4], None, *args[5:], impl="pallas", interpret=True, block_v=128, platform=platform,
+                max_siblings=branch,
+            )  # fmt: skip
+            for name, got, exp in zip(("accept_len", "accepted_nodes", "next_token"), kernel, ref):
+                np.testing.assert_array_equal(np.asarray(got), exp, err_msg=f"one-hot kernel ({platform}): {name}")
     # Some rows accept several nodes, some reject at the root: the walk's branches all ran.
     assert ref[0].max() >= 1
 

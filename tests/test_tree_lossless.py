@@ -48,6 +48,29 @@ def test_tree_sampling_matches_target_law(target, draft, laws, setting, shape, m
     assert ranks[1:].sum() > 100  # siblings past rank 0 were accepted: the tree mattered
 
 
+@pytest.mark.slow
+def test_tree_scheduler_keeps_the_target_law(target, laws, capsys, monkeypatch):  # noqa: F811
+    """verify="scheduler" over trees (trees §6) at T = 1: the pooled greedy decides each row's verified nodes from
+    this round's scores, batch-wide; the samples still follow the target's law. Sharp confidences (temperature
+    0.25) and a fixed cost table (a round at width w costs 1 + 0.1 (w - 1), without the draft 1.2) make its cuts
+    vary, whatever this machine's timings."""
+    from draft_factory import random_draft
+
+    monkeypatch.setattr(
+        loop, "round_seconds_table", lambda t, d, prep: (1 + 0.1 * (np.array(prep.spec.widths) - 1), 1.2)
+    )
+    cut = random_draft(target, block_size=3, markov_rank=4, seed=2, confidence=True)
+    cut = dataclasses.replace(cut, calibration=np.full(3, 0.25, np.float32))
+    kw = dict(max_new_tokens=NEW, temperature=1.0, tree=TreeConfig(7, 2, 2, "swor"), verify="scheduler")
+    results = [dj.generate(target, cut, [PROMPT] * BATCH, seed=s, **kw) for s in SEEDS[:2]]  # 8192 samples
+    stat, dof, p = chi_square(np.array([t for r in results for t in r.tokens]), laws["t1"])
+    sizes = np.bincount([n for r in results for row in r.nodes_verified for n in row], minlength=8)
+    with capsys.disabled():
+        print(f"\n[scheduler t1 (7,2,2) swor] chi2={stat:.1f} dof={dof} p={p:.3g} | nodes verified {sizes.tolist()}")
+    assert p > MIN_P, (stat, dof, p)
+    assert (sizes > 50).sum() >= 3, sizes  # trees were cut at several sizes
+
+
 def _broken_run(target, draft, laws, monkeypatch):  # noqa: F811
     loop.decode_loop.clear_cache()  # the compiled loop must see the patched rule
     try:

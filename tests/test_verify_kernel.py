@@ -16,7 +16,15 @@ import pytest
 from scipy.stats import chi2
 
 from pallas_kernels import _common
-from pallas_kernels.verify import gpu_config, tpu_config, verify, verify_gpu, verify_reference, verify_tpu
+from pallas_kernels.verify import (
+    gpu_config,
+    tpu_config,
+    verify,
+    verify_gpu,
+    verify_reference,
+    verify_reference_onehot,
+    verify_tpu,
+)
 from pallas_kernels.verify.reference import inverse_cdf
 
 # Shared shapes so the interpret-mode kernels compile once per variant for all scenario tests.
@@ -457,16 +465,29 @@ def _jaxlib_version():
     _jaxlib_version() > (0, 10, 2) or jax.default_backend() == "gpu",
     reason="newer jaxlibs compile Triton to PTX while lowering, which needs a GPU",
 )
-def test_triton_lowering_from_cpu():
+@pytest.mark.parametrize("onehot", [False, True])
+def test_triton_lowering_from_cpu(onehot):
     block, warps, stages = gpu_config(_BIG["vocab"])
     fn = functools.partial(verify_gpu, block_v=block, num_warps=warps, num_stages=stages)
-    text = jax.jit(fn).trace(*_big_avals(**_BIG)).lower(lowering_platforms=("cuda",)).as_text()
+    avals = list(_big_avals(**_BIG))
+    if onehot:  # the one-hot fast path: no draft rows (trees §2.4)
+        avals[4] = None
+    text = jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
 
 
 def test_mosaic_lowering_from_cpu():
     fn = functools.partial(verify_tpu, block_v=tpu_config(_BIG["vocab"]))
     text = jax.jit(fn).trace(*_big_avals(**_BIG)).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text
+
+
+def test_mosaic_lowering_of_the_onehot_path():
+    """The one-hot fast path (no draft rows, trees §2.4) lowers for TPU too."""
+    fn = functools.partial(verify_tpu, block_v=tpu_config(_BIG["vocab"]))
+    avals = list(_big_avals(**_BIG))
+    avals[4] = None
+    text = jax.jit(fn).trace(*avals).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
 
 
@@ -516,3 +537,16 @@ def test_compiled_triton_kernel_matches_reference():
 @pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
 def test_compiled_mosaic_kernel_matches_reference():
     _check_compiled(lambda *a: verify(*a, impl="pallas"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_compiled_triton_onehot_path_matches_reference():
+    """The one-hot fast path compiled: top-k candidates (each node the target row's best token after a noisy
+    draft), draft_probs=None, equal to the one-hot reference."""
+    tokens, parents, k, target, draft, u, ru = _big_case(**_BIG)
+    tokens = jnp.argmax(draft, axis=-1).astype(jnp.int32)
+    ref = verify_reference_onehot(tokens, parents, k, target, u, ru)
+    got = verify(tokens, parents, k, target, None, u, ru, impl="pallas")
+    np.testing.assert_array_equal(np.asarray(got.accept_len), np.asarray(ref.accept_len))
+    np.testing.assert_array_equal(np.asarray(got.next_token), np.asarray(ref.next_token))

@@ -4,14 +4,22 @@ prefix products s_j = prod_{i<=j} sigmoid(z_i / t_i) match how often slots 0..j 
 Fitted on full-block rounds (`generate(..., verify="full")`'s `confidence_logits` and `acceptance_lengths`) and
 stored beside the draft as `calibration.json`, which `load_draft` reads and the scheduler uses. That file's reading
 and writing live in dspark_jax.checkpoints (re-exported here).
+
+The same file may hold the per-rank factors of draft trees (trees §3): `"rank_factors"`, c_{d,r} as [B][K] lists
+measured by `evaluate --save-calibration` on full-tree rounds; `load_rank_factors` reads them (load_draft keeps them
+on the DraftHandle) and `factors_for` fits them to a tree's branch factor.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 
 from dspark_jax.checkpoints import CALIBRATION_FILE, load_calibration, save_calibration
-from dspark_jax.metrics import ece, prefix_predictions
+from dspark_jax.errors import UsageError
+from dspark_jax.metrics import RANK_FACTOR_FALLBACK, ece, prefix_predictions
 
 GRID = np.geomspace(0.25, 8.0, 200)  # spec §10 port decision: log-spaced temperatures in [0.25, 8]
 
@@ -37,4 +45,46 @@ def fit_temperatures(z: np.ndarray, accepted: np.ndarray, proposed: np.ndarray) 
     return temps
 
 
-__all__ = ["CALIBRATION_FILE", "GRID", "fit_temperatures", "load_calibration", "save_calibration"]
+def load_rank_factors(folder: str, block_size: int) -> np.ndarray | None:
+    """The folder's per-rank factors f32[B, K] (calibration.json's "rank_factors"), or None when it has none."""
+    path = os.path.join(folder, CALIBRATION_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            raw = json.load(f).get("rank_factors")
+        factors = None if raw is None else np.asarray(raw, np.float32)
+    except (OSError, ValueError, AttributeError, TypeError):
+        raise UsageError(f"{path} has unreadable rank_factors; expected [{block_size}][K] numbers in (0, 1]") from None
+    if factors is None:
+        return None
+    ok = factors.ndim == 2 and factors.shape[0] == block_size and factors.shape[1] >= 1
+    if not ok or not np.all((factors > 0) & (factors <= 1)) or not np.all(factors[:, 0] == 1):
+        raise UsageError(
+            f"{path} holds rank_factors of shape {list(factors.shape)}; expected [{block_size}][K] numbers in (0, 1] "
+            "with rank 0 equal to 1"
+        )
+    return factors
+
+
+def factors_for(stored, block_size: int, branch: int) -> tuple:
+    """Measured factors [B, K_m] as a TreeConfig's rank_factors ([B][K] tuples): the first K ranks, and for ranks
+    past the measured K_m the last measured factor times the fallback's 0.5 per extra rank (still non-increasing)."""
+    stored = np.asarray(stored, np.float64)
+    if stored.shape[0] != block_size:
+        raise UsageError(f"rank_factors has {stored.shape[0]} depths; the draft's block has {block_size}")
+    extra = max(branch - stored.shape[1], 0)
+    tail = stored[:, -1:] * RANK_FACTOR_FALLBACK ** np.arange(1, extra + 1, dtype=np.float64)[None, :]
+    full = np.concatenate([stored, tail], axis=1)[:, :branch]
+    return tuple(tuple(float(c) for c in row) for row in full)
+
+
+__all__ = [
+    "CALIBRATION_FILE",
+    "GRID",
+    "factors_for",
+    "fit_temperatures",
+    "load_calibration",
+    "load_rank_factors",
+    "save_calibration",
+]

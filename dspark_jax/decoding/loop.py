@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.configs import Qwen3Config, SamplingConfig, VerifyPolicy
+from dspark_jax.decoding.calibration import factors_for
 from dspark_jax.decoding.prefill import prefill_prompts
 from dspark_jax.decoding.propose import propose
 from dspark_jax.decoding.schedule import (
@@ -164,8 +165,11 @@ def prefill(
     )
 
 
-def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
-    """One propose -> verify -> accept -> commit step for every row; rows already done are left unchanged."""
+def _round(target, draft, state: DecodeState, spec: LoopSpec, width: int | None = None) -> DecodeState:
+    """One propose -> verify -> accept -> commit step for every row; rows already done are left unchanged.
+
+    width: verify="scheduler" only: the compiled target-pass width this round runs (the loop picks it from the
+    plan before the round, `_planned`), so the pass needs no switch over widths."""
     if spec.tree is not None:
         from dspark_jax.decoding.tree_loop import tree_round  # it uses this module's commit step
 
@@ -184,7 +188,14 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
             proposal, draft_cache = propose(*args, draft_keys)
             num_proposed = _num_proposed(state, spec, proposal)
         block = jnp.concatenate([block, proposal.tokens], axis=1)
-    if len(spec.widths) == 1:
+    if width is not None:
+        # A narrower pass: rows past `width` are never read (k < width), so they are padded, not computed.
+        logits, taps, target_cache = target_pass(
+            target, state.target_cache, block[:, :width], anchor_pos, spec.tap_layer_ids
+        )
+        pad = ((0, 0), (0, spec.width - width), (0, 0))
+        logits, taps = jnp.pad(logits, pad), None if taps is None else jnp.pad(taps, pad)
+    elif len(spec.widths) == 1:
         logits, taps, target_cache = target_pass(target, state.target_cache, block, anchor_pos, spec.tap_layer_ids)
     else:
         needed = jnp.max(jnp.where(state.done, 1, num_proposed + 1))
@@ -217,9 +228,18 @@ def _num_proposed(state: DecodeState, spec: LoopSpec, proposal) -> jax.Array:
     return jnp.minimum(num_to_verify(proposal.confidence_logits, state.thresholds), _room(state, spec))
 
 
+def _planned(state: DecodeState, spec: LoopSpec) -> jax.Array:
+    """i32[] index into spec.widths of the next drafting round's width: planned from the rows' previous confidences
+    (`plan_width`), or the width the cost table's timing run forces."""
+    sched = state.scheduler
+    widths = jnp.asarray(spec.widths, jnp.int32)
+    planned, _ = plan_width(sched.prior, ~state.done, widths, sched.width_seconds)
+    return jnp.where(sched.forced >= 0, sched.forced, planned)
+
+
 def _scheduled_proposal(state: DecodeState, spec: LoopSpec, propose_args, draft_keys):
     """verify="scheduler": propose, verify every row's drafts up to the width planned from the rows' previous
-    confidences (`plan_width`; 0 drafts when width 1 pays best), and record in the gate whether the best plan under
+    confidences (`_planned`; 0 drafts when width 1 pays best), and record in the gate whether the best plan under
     this round's confidences beats plain decoding (spec §11 with a plain option).
 
     Returns (proposal, draft cache, num_proposed i32[batch], the updated SchedulerState).
@@ -228,13 +248,13 @@ def _scheduled_proposal(state: DecodeState, spec: LoopSpec, propose_args, draft_
     live = ~state.done
     widths = jnp.asarray(spec.widths, jnp.int32)
     proposal, cache = propose(*propose_args, draft_keys)
-    planned, _ = plan_width(sched.prior, live, widths, sched.width_seconds)
-    planned = jnp.where(sched.forced >= 0, sched.forced, planned)
+    planned = _planned(state, spec)
     s = prefix_confidences(proposal.confidence_logits, sched.temperatures)
-    _, theta = plan_width(s, live, widths, sched.width_seconds)
+    following, theta = plan_width(s, live, widths, sched.width_seconds)  # the next round's plan
     sched = dataclasses.replace(sched, prior=jnp.where(live[:, None], s, sched.prior))
     k = jnp.full(live.shape, widths[planned] - 1, jnp.int32)
-    return proposal, cache, jnp.minimum(k, _room(state, spec)), sched.after_round(theta, jnp.sum(live))
+    sched = sched.after_round(theta, jnp.sum(live), sched.width_seconds[following])
+    return proposal, cache, jnp.minimum(k, _room(state, spec)), sched
 
 
 def _flush_pending(draft, state: DecodeState) -> DecodeState:
@@ -389,9 +409,10 @@ def decode_loop(
     call; `state` is donated (its buffers are reused in place). Calling it again on the result continues exactly
     where it stopped (streaming output, timing a fixed number of rounds): the rounds are the same either way.
 
-    Nothing syncs with the host inside. With verify="scheduler" the rounds alternate between two inner loops:
-    speculative rounds while the scheduler's gate says drafting pays, plain rounds (no draft work but one context
-    row) while it does not, so a batch where speculation loses runs near plain speed.
+    Nothing syncs with the host inside. With verify="scheduler" the rounds run in inner loops, one per compiled
+    width (drafting rounds at that width while the gate is open and the plan stays there) and one of plain rounds
+    (no draft work but one context row) while the gate is shut, so a batch where speculation loses runs near plain
+    speed, and no round switches over widths (a switch's branches copy the caches every round).
     """
 
     def more(carry):
@@ -416,8 +437,21 @@ def decode_loop(
     def flush(s):
         return _flush_pending(nnx.merge(draft_def, draft_state), s)
 
+    def at_width(i):
+        def round_at(s):
+            target = nnx.merge(target_def, target_state)
+            return _round(target, nnx.merge(draft_def, draft_state), s, spec, width=spec.widths[i])
+
+        def stays(c):
+            return more(c) & c[0].scheduler.drafting & (_planned(c[0], spec) == i)
+
+        return lambda carry: jax.lax.while_loop(stays, counted(round_at), carry)
+
     def phases(carry):
-        carry = jax.lax.while_loop(lambda c: more(c) & c[0].scheduler.drafting, counted(body), carry)
+        # A plan that moves to a width whose loop already ran this pass waits for the next pass (an empty loop
+        # costs one condition).
+        for i in range(len(spec.widths)):
+            carry = at_width(i)(carry)
         # Only when the gate closed (not when the call's round budget ran out), so that splitting the rounds over
         # several calls leaves the state exactly as one call would.
         s = jax.lax.cond(carry[0].scheduler.drafting, lambda s: s, flush, carry[0])
@@ -485,12 +519,12 @@ def _check_tree(tree, draft, policy: VerifyPolicy, target_config) -> TreeConfig 
         raise UsageError(f"tree must be a TreeConfig or 'N[,K[,W]]', got {tree!r}")
     if draft is None:
         raise UsageError("tree decoding needs a draft; plain decoding accepts tree=None only")
-    if policy.kind == "scheduler":
-        raise UsageError("verify 'scheduler' is not available with trees yet (accepted: full, threshold:X)")
     block = draft.config.block_size
     tree.check(block)
     if tree.temperatures is None and draft.calibration is not None:
         tree = dataclasses.replace(tree, temperatures=tuple(float(t) for t in np.asarray(draft.calibration)))
+    if tree.rank_factors is None and getattr(draft, "rank_factors", None) is not None:  # measured (trees §3)
+        tree = dataclasses.replace(tree, rank_factors=factors_for(draft.rank_factors, block, tree.branch))
     return tree
 
 
@@ -523,12 +557,14 @@ class Prepared:
     temperatures: np.ndarray | None = None  # f32[block], verify="scheduler" only
     width_seconds: np.ndarray | None = None  # f32[len(spec.widths)] round seconds per width, "scheduler" only
     plain_seconds: float | None = None  # a round without the draft, verify="scheduler" only
+    prior: np.ndarray | None = None  # f32[block] the pair's typical prefix confidences (`typical_prior`), or None
 
     def prefill(self, target, draft, **scheduler) -> DecodeState:
         """Run `prefill` for this batch (draft None: plain decoding). `scheduler`: keyword arguments of
-        SchedulerState.initial (the draft runs in the first round unless told otherwise)."""
+        SchedulerState.initial (by default the first round drafts iff a round planned on `prior` pays)."""
         sched = None
         if self.spec.scheduler:
+            scheduler = {"prior": self.prior, "widths": self.spec.widths, **scheduler}
             sched = SchedulerState.initial(
                 self.temperatures, self.width_seconds, self.plain_seconds, len(self.prompt_lens), **scheduler
             )
@@ -661,7 +697,8 @@ def prepare(
     temperatures = np.ones((block,), np.float32) if draft.calibration is None else draft.calibration
     prep = dataclasses.replace(prep, temperatures=np.asarray(temperatures, np.float32))
     width_seconds, plain_seconds = round_seconds_table(target, draft, prep)
-    return dataclasses.replace(prep, width_seconds=width_seconds, plain_seconds=plain_seconds)
+    prior = typical_prior(target, draft, prep)
+    return dataclasses.replace(prep, width_seconds=width_seconds, plain_seconds=plain_seconds, prior=prior)
 
 
 def generate(
@@ -750,6 +787,7 @@ def _outputs(prep: Prepared, tokens: np.ndarray, lengths: np.ndarray) -> list[li
 
 
 _ROUND_SECONDS: dict = {}
+_TYPICAL_CONFIDENCES: dict = {}  # same keys: f32[rounds, block] confidence logits of the table's widest timing run
 TIMED_ROUNDS = 16  # rounds per timed call of the loop when measuring the scheduler's costs
 
 
@@ -763,11 +801,10 @@ def round_seconds_table(target, draft, prep: Prepared, reps: int = 3) -> tuple[n
     stop tokens: in-loop rounds cost more than their pieces timed one by one (while-loop overhead, fusion,
     bookkeeping), and those are the numbers the scheduler must compare. The settings take turns for `reps` passes
     and each keeps its fastest (noise only ever adds). The cost depends on shapes, not on weights or tokens:
-    measured once per (model configs, loop spec, greedy or sampled batch) in this process.
+    measured once per (model configs, loop spec, batch bucket, greedy or sampled batch) in this process.
     """
     spec = prep.spec
-    greedy = bool(np.all(np.asarray(prep.sampling.greedy)))
-    key = (target.config, draft.config, spec, greedy, jax.default_backend())
+    key = _table_key(target, draft, prep)
     if key not in _ROUND_SECONDS:
         room = spec.cache_len - spec.width - 2 - int(prep.prompt_lens.max())
         rounds = max(1, min(TIMED_ROUNDS, room // spec.width))
@@ -784,13 +821,45 @@ def round_seconds_table(target, draft, prep: Prepared, reps: int = 3) -> tuple[n
             state = jax.block_until_ready(timing.prefill(target, draft, **scheduler))
             begin = time.perf_counter()
             args = (target.graphdef, target.state, draft.graphdef, draft.state, state, rounds)
-            jax.block_until_ready(decode_loop(*args, spec=spec).lengths)
-            return (time.perf_counter() - begin) / rounds
+            state = jax.block_until_ready(decode_loop(*args, spec=spec))
+            elapsed = (time.perf_counter() - begin) / rounds
+            if scheduler.get("forced") == len(spec.widths) - 1:  # every draft of every round verified
+                n = np.asarray(state.rounds)[live]
+                z = np.asarray(state.confidences)[live]
+                _TYPICAL_CONFIDENCES[key] = np.concatenate([z[i, : n[i]] for i in range(len(n))])
+            return elapsed
 
         # Every setting once per pass, passes repeated: all settings see the same machine (a shared machine's load
         # moves within seconds, and one entry timed in a busy moment would flip the plan); the first pass compiles.
         settings = [dict(forced=i) for i in range(len(spec.widths))] + [dict(drafting=False)]
         times = np.array([[seconds(**kw) for kw in settings] for _ in range(reps + 1)][1:])
         best = times.min(axis=0)
-        _ROUND_SECONDS[key] = best[:-1].astype(np.float32), float(best[-1])
+        # On a loaded machine an entry can come out below a cheaper one's; the costs are ordered by construction (a
+        # wider pass does more; a plain round is a width-1 round without the draft), so a misordered entry is
+        # raised to its neighbour's: noise then never makes drafting, or a wider pass, look cheaper than it is.
+        width_seconds = np.maximum.accumulate(best[:-1]).astype(np.float32)
+        _ROUND_SECONDS[key] = width_seconds, float(min(best[-1], width_seconds[0]))
     return _ROUND_SECONDS[key]
+
+
+def _table_key(target, draft, prep: Prepared) -> tuple:
+    # The batch bucket is not in LoopSpec (shapes come from the arrays) but sets every cost: without it, a table
+    # timed at batch 1 was reused at batch 64, where drafting costs several times more.
+    greedy = bool(np.all(np.asarray(prep.sampling.greedy)))
+    batch = len(prep.prompt_lens)
+    return (target.config, draft.config, prep.spec, batch, greedy, jax.default_backend())
+
+
+def typical_prior(target, draft, prep: Prepared) -> np.ndarray | None:
+    """f32[block] the mean prefix confidences s_j (under this request's temperatures) of the rounds the cost
+    table's widest timing run drafted (`round_seconds_table`), or None when that table was not measured here.
+
+    The scheduler plans its first round on it instead of on ones: a batch where drafting does not pay then starts
+    as plain decoding rather than with a whole-block round. It comes from earlier rounds of the same pair (on the
+    prompts of the request that measured the table), never from a round's own drafts, so decoding stays lossless.
+    """
+    z = _TYPICAL_CONFIDENCES.get(_table_key(target, draft, prep))
+    if z is None or not len(z):
+        return None
+    s = prefix_confidences(jnp.asarray(z), jnp.asarray(prep.temperatures))
+    return np.asarray(jnp.mean(s, axis=0), np.float32)

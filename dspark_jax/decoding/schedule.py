@@ -9,11 +9,22 @@ import jax.numpy as jnp
 
 from dspark_jax.configs import VerifyPolicy
 
-# Probe interval bounds: while the draft is switched off, a probe round drafts again every `probe_every` rounds
-# (starting at PROBE_EVERY) to see whether drafting pays again; each probe that still does not pay doubles the
-# interval up to MAX_PROBE_EVERY, so a batch where speculation never pays spends < 1% of its rounds probing.
+# Probe interval bounds: while the draft is switched off, a probe round drafts again every `probe_every` rounds to
+# see whether drafting pays again. A probe that does not pay wastes part of a drafting round, so the interval is at
+# least that waste over PROBE_BUDGET plain rounds (probes then cost plain decoding at most ~PROBE_BUDGET of its
+# throughput), at least PROBE_EVERY, doubles while probes keep failing, and stops at MAX_PROBE_EVERY.
 PROBE_EVERY = 8
-MAX_PROBE_EVERY = 128
+MAX_PROBE_EVERY = 512
+PROBE_BUDGET = 0.02
+# A gate shut from the start by the prior (the pair's confidences over many rounds) waits at least this long for its
+# first probe: one probe round adds little to that evidence, and on the CPU a lone probe costs more than the table's
+# steady-state round (it enters and leaves its loop).
+PRIOR_PROBE_EVERY = 64
+NEVER = 1 << 30  # a probe interval no decode reaches: the draft stays off
+# Drafting must beat plain decoding by this factor to run: the table is timed on a possibly loaded machine (entries
+# move by 10-20% between passes), and a batch runs until its slowest row is done, so rounds that only break even
+# on the mean row lose throughput.
+GATE_MARGIN = 1.2
 
 
 @jax.tree_util.register_dataclass
@@ -25,10 +36,11 @@ class SchedulerState:
     width_seconds: f32[widths] seconds of one speculative round (draft included) at each compiled target-pass
       width, measured by running the compiled loop itself; plain_seconds: f32[] seconds of one round without the
       draft (one target position per row) in the same loop;
-    prior: f32[batch, slots] each row's prefix confidences s from its latest drafting round (ones before any);
+    prior: f32[batch, slots] each row's prefix confidences s from its latest drafting round (before any: the
+      pair's typical confidences, or ones when unknown);
     drafting: bool[] whether the next round runs the draft; idle_rounds: i32[] rounds since the draft last ran;
-    probe_every: i32[] the current probe interval; forced: i32[] -1, or a width index every round must use with
-      the draft on (how the cost table is measured).
+    probe_every: i32[] the current probe interval (NEVER: the draft stays off); forced: i32[] -1, or a width index
+      every round must use with the draft on (how the cost table is measured).
     """
 
     temperatures: jax.Array
@@ -41,28 +53,73 @@ class SchedulerState:
     forced: jax.Array
 
     @classmethod
-    def initial(cls, temperatures, width_seconds, plain_seconds, batch: int, *, drafting=True, forced=-1):
+    def initial(
+        cls,
+        temperatures,
+        width_seconds,
+        plain_seconds,
+        batch: int,
+        *,
+        drafting=True,
+        forced=-1,
+        prior=None,
+        widths=None,
+    ):
+        """The state before the first round. prior: f32[slots] the pair's typical prefix confidences (default ones);
+        widths: the compiled target-pass widths (default 1, 2, ... one per width_seconds entry).
+
+        drafting=False shuts the draft off for good. Otherwise the first round drafts only if a round planned on
+        `prior` beats plain decoding; if not, the gate starts shut and the first probe waits a probe interval of at
+        least PRIOR_PROBE_EVERY rounds (a batch where drafting does not pay then runs as plain decoding from the
+        first round).
+        """
         slots = len(temperatures)
-        return cls(
+        width_seconds = jnp.asarray(width_seconds, jnp.float32)
+        widths = jnp.arange(1, len(width_seconds) + 1) if widths is None else widths
+        widths = jnp.asarray(widths, jnp.int32)
+        prior = jnp.ones((slots,), jnp.float32) if prior is None else jnp.asarray(prior, jnp.float32)
+        state = cls(
             jnp.asarray(temperatures, jnp.float32),
-            jnp.asarray(width_seconds, jnp.float32),
+            width_seconds,
             jnp.float32(plain_seconds),
-            jnp.ones((batch, slots), jnp.float32),
-            jnp.bool_(drafting),
+            jnp.broadcast_to(prior, (batch, slots)),
+            jnp.bool_(True),
             jnp.int32(0),
-            jnp.int32(PROBE_EVERY if drafting else 1 << 30),
+            jnp.int32(PROBE_EVERY // 2),
             jnp.int32(forced),
         )
+        # Drafts that are always accepted give w tokens per row at width w: if no width beats plain decoding so,
+        # no drafting round can ever pay, and the draft stays off (the cost-table runs force it on).
+        hopeless = ~jnp.any(width_seconds < state.plain_seconds * widths.astype(jnp.float32))
+        if not drafting or (forced < 0 and bool(hopeless)):
+            return dataclasses.replace(state, drafting=jnp.bool_(False), probe_every=jnp.int32(NEVER))
+        # Per row (every row has the same prior), so the live-row count cancels: one row stands for the batch.
+        one = jnp.ones((1,), bool)
+        planned, theta = plan_width(prior[None], one, widths, width_seconds)
+        opened = state.after_round(theta, jnp.int32(1), width_seconds[planned])
+        probe_every = jnp.where(opened.drafting, opened.probe_every, jnp.maximum(opened.probe_every, PRIOR_PROBE_EVERY))
+        return dataclasses.replace(opened, idle_rounds=jnp.int32(0), probe_every=probe_every)
 
-    def after_round(self, theta: jax.Array, rows: jax.Array) -> "SchedulerState":
+    def after_round(self, theta: jax.Array, rows: jax.Array, probe_seconds=None) -> "SchedulerState":
         """The gate for the next round. After a drafting round: keep drafting iff the best plan's expected
-        throughput `theta` (from this round's confidences) beats plain decoding of the `rows` live rows; a round
-        that does not pay doubles the probe interval, one that pays resets it. After a skipped round: draft again
-        once `probe_every` rounds have passed without it."""
-        beats_plain = theta > rows / self.plain_seconds
+        throughput `theta` (from this round's confidences) beats plain decoding of the `rows` live rows by
+        GATE_MARGIN. A round
+        that does not pay sets the probe interval to the larger of twice the last one and the round's waste
+        (`probe_seconds`, the seconds of the planned drafting round, default the cheapest one, times the share of
+        it plain decoding would not need) over PROBE_BUDGET plain rounds; one that pays resets it. After a skipped
+        round: draft again once `probe_every` rounds have passed without it (never, at NEVER)."""
+        rows = jnp.asarray(rows, jnp.float32)
+        plain_rate = rows / self.plain_seconds
+        beats_plain = theta > GATE_MARGIN * plain_rate
+        if probe_seconds is None:
+            probe_seconds = jnp.min(self.width_seconds)
+        waste = probe_seconds * jnp.maximum(1.0 - theta / jnp.maximum(plain_rate, 1e-30), 0.0)
+        cost_interval = jnp.ceil(waste / (PROBE_BUDGET * self.plain_seconds))
+        backed_off = jnp.maximum(2.0 * self.probe_every.astype(jnp.float32), cost_interval)
+        backed_off = jnp.clip(backed_off, PROBE_EVERY, MAX_PROBE_EVERY).astype(jnp.int32)
         probe_every = jnp.where(
-            self.drafting,
-            jnp.where(beats_plain, PROBE_EVERY, jnp.minimum(2 * self.probe_every, MAX_PROBE_EVERY)),
+            self.drafting & (self.probe_every < NEVER),
+            jnp.where(beats_plain, PROBE_EVERY, backed_off),
             self.probe_every,
         )
         idle = jnp.where(self.drafting, 0, self.idle_rounds + 1)

@@ -155,13 +155,16 @@ def build_tree(
     tree: TreeConfig,
     room: jax.Array,
     thresholds: jax.Array | None = None,
+    policy=None,
 ) -> TreeProposal:
     """Expand one block per row into a tree (trees §3) and choose the verified prefix (trees §6, full / threshold).
 
     hidden: [b, B, H] the draft backbone's output; anchors: i32[b]; sampling: per-row settings; keys: per-row keys
     [b] (None only when every row is greedy); room: i32[b] depth limit (nodes with depth >= room are never
     verified); thresholds: f32[b] verify thresholds (a node is verified iff sigmoid(z) >= threshold on its whole
-    path; None or 0 = all valid nodes).
+    path; None or 0 = all valid nodes); policy: None, or a batch-wide verify policy (trees §6 scheduler)
+    `policy(score f32[b, N], eligible bool[b, N]) -> verified bool[b, N]` on each row's nodes in score-rank order
+    (score desc, creation index asc), eligible = valid, in room and passing the threshold.
     """
     sampling = as_params(sampling)
     b, block = hidden.shape[:2]
@@ -253,6 +256,8 @@ def build_tree(
     sel = _top(cand["score"], n_nodes)  # [b, N] candidate ids, best first
     got = {name: jnp.take_along_axis(v, sel, axis=1) for name, v in cand.items()}
     verified = jnp.isfinite(got["score"]) & (got["depth"] < room[:, None]) & got["ok"]
+    if policy is not None:  # between selection and ordering: it sees the score-ranked lists (trees §6)
+        verified = policy(got["score"], verified)
     # Depth-major order with the verified set first; path keys are unique within a depth.
     order = jax.vmap(lambda k, dep, nv: jnp.lexsort((k, dep, nv)))(got["key"], got["depth"], ~verified)
     order = order.astype(jnp.int32)

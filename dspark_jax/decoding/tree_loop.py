@@ -1,7 +1,10 @@
 """One tree round of the decode loop (trees §3-§6): build the tree, one masked target pass over all its nodes,
 recursive rejection sampling along it, K/V compaction of the accepted path, then the chain's commit step.
 
-Called from `loop._round` when `LoopSpec.tree` is set; the chain path is untouched.
+Called from `loop._round` when `LoopSpec.tree` is set; the chain path is untouched. With verify="scheduler" the
+verified nodes come from the pooled greedy over the batch's node scores (tree_schedule.py, trees §6) on a token
+cost table derived from the per-width round times that `loop.round_seconds_table` measures in this very loop (tree
+build included); the target pass then runs at the narrowest compiled width that holds every live row's nodes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dspark_jax.decoding import loop
 from dspark_jax.decoding.propose import draft_backbone
 from dspark_jax.decoding.state import DecodeState
 from dspark_jax.decoding.tree import TOPK, TreeProposal, build_tree
+from dspark_jax.decoding.tree_schedule import expected_throughput, forced_nodes, schedule_nodes, token_seconds
 from dspark_jax.decoding.verify import target_pass
 from dspark_jax.sampling import SamplingParams, first_argmax, probabilities
 
@@ -89,15 +93,27 @@ def tree_round(target, draft, state: DecodeState, spec) -> DecodeState:
         draft, state.draft_cache, state.pending, state.num_pending, anchors, anchor_pos
     )
     block = spec.block_size
+    full = cfg.nodes + 1
+    widths = spec.verify_widths or (full,)
+    live = ~state.done
+    policy = seconds = None
+    if spec.scheduler:
+        sched = state.scheduler
+        width_arr = jnp.asarray(widths, jnp.int32)
+        seconds = token_seconds(width_arr, sched.width_seconds, jnp.sum(live), bsz * full + 1)
+
+        def policy(score, eligible):
+            chosen = schedule_nodes(score, eligible, live, seconds)
+            forced = forced_nodes(eligible, width_arr[jnp.maximum(sched.forced, 0)])
+            return jnp.where(sched.forced >= 0, forced, chosen)
+
     tree = build_tree(
-        draft, hidden, anchors, state.sampling, draft_keys, cfg, loop._room(state, spec), state.thresholds
+        draft, hidden, anchors, state.sampling, draft_keys, cfg, loop._room(state, spec), state.thresholds, policy
     )
     depth1 = jnp.concatenate([jnp.zeros((bsz, 1), jnp.int32), 1 + tree.depth], axis=1)
     tokens = jnp.concatenate([anchors[:, None], tree.tokens], axis=1)  # [b, N+1]
     positions = anchor_pos[:, None] + depth1
     mask = tree_mask(tree.parents, anchor_pos, spec.cache_len, block)
-    full = cfg.nodes + 1
-    widths = spec.verify_widths or (full,)
     if len(widths) == 1:
         logits, taps, target_cache = target_pass(
             target, state.target_cache, tokens, anchor_pos, spec.tap_layer_ids, positions, mask
@@ -106,6 +122,8 @@ def tree_round(target, draft, state: DecodeState, spec) -> DecodeState:
         # The verified set is an index prefix closed under ancestors: the first w rows are a tree of their own.
         needed = jnp.max(jnp.where(state.done, 1, tree.num_verify + 1))
         branch = jnp.searchsorted(jnp.asarray(widths, jnp.int32), needed).astype(jnp.int32)
+        if spec.scheduler:  # the cost table's timing runs pin the width
+            branch = jnp.where(state.scheduler.forced >= 0, state.scheduler.forced, branch)
 
         def narrow(w):
             def run():
@@ -151,10 +169,14 @@ def tree_round(target, draft, state: DecodeState, spec) -> DecodeState:
         outcome=(alen, next_token),
     )
     # Ranks of the committed path nodes (a stop token can cut the path: committed = accepted then).
-    live = ~state.done
     kept = jnp.minimum(new.lengths - state.lengths, alen)
     slot = jnp.arange(block, dtype=jnp.int32)[None, :]
     ranks = jnp.where(slot < kept[:, None], path_rank, -1)
     round_idx = jnp.minimum(state.rounds, spec.max_rounds - 1)
     record = jnp.where(live, round_idx, spec.max_rounds)  # done rows write out of bounds: dropped
-    return dataclasses.replace(new, accepted_ranks=state.accepted_ranks.at[rows, record].set(ranks, mode="drop"))
+    new = dataclasses.replace(new, accepted_ranks=state.accepted_ranks.at[rows, record].set(ranks, mode="drop"))
+    if spec.scheduler:  # the draft gate: does the chosen plan's Θ beat plain decoding of the live rows?
+        verified = jnp.arange(cfg.nodes)[None, :] < tree.num_verify[:, None]
+        theta, cost = expected_throughput(tree.score, verified, live, seconds)
+        new = dataclasses.replace(new, scheduler=state.scheduler.after_round(theta, jnp.sum(live), cost))
+    return new

@@ -58,11 +58,14 @@ class Qwen3(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden [..., hidden] -> f32[..., vocab]."""
         c = self.config
+        x = hidden.astype(c.dtype)
         if c.tie_word_embeddings:
-            w = self.embed_tokens[...].astype(c.dtype).T
-        else:
-            w = self.lm_head[...].astype(c.dtype)
-        return jnp.einsum("...d,dv->...v", hidden.astype(c.dtype), w, preferred_element_type=jnp.float32)
+            # Contract the embedding's own last axis, no `.T`: inside nested decode loops XLA:CPU otherwise copies
+            # a transposed [hidden, vocab] table every round (the scheduler's inner loops did, ~8 MB a round).
+            w = self.embed_tokens[...].astype(c.dtype)
+            return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+        w = self.lm_head[...].astype(c.dtype)
+        return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
 
     def __call__(
         self,

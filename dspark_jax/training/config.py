@@ -29,10 +29,10 @@ class TrainConfig:
 
     mode 'draft' trains a DSpark / DFlash draft against the frozen `target` (a fresh draft from `draft_config`, a
     JSON of DSpark fields merged over the target's config, or an existing `draft` folder); mode 'target' trains
-    the `target` itself on next-token CE (or a fresh random target from `target_config`, an HF Qwen3 config.json,
-    whose tokenizer comes from `tokenizer`). `loss_weights` (CE, L1, confidence) defaults to 0.1/0.9/1.0 for DSpark and
-    1/0/0 for DFlash; `num_anchors` 0 = the draft config's value; `max_steps` 0 = `epochs` full epochs;
-    `stop_at_step` 0 = run to the end (else checkpoint and stop there, resumable with `resume`);
+    the `target` itself on next-token CE (or a fresh random target from `target_config`, an HF Qwen3 or DeepSeek-V4
+    config.json, whose tokenizer comes from `tokenizer`). `loss_weights` (CE, L1, confidence) defaults to
+    0.1/0.9/1.0 for DSpark and 1/0/0 for DFlash; `num_anchors` 0 = the draft config's value; `max_steps` 0 =
+    `epochs` full epochs; `stop_at_step` 0 = run to the end (else checkpoint and stop there, resumable with `resume`);
     `dtype` is the compute dtype (master weights are always f32; None = float32 on CPU, bfloat16 elsewhere).
     """
 
@@ -77,7 +77,7 @@ class TrainConfig:
         if self.mode == "target" and (self.target is None) == (self.target_config is None):
             raise UsageError(
                 "mode target needs exactly one of target (a model to continue) and target_config "
-                "(an HF Qwen3 config.json for a fresh one)"
+                "(an HF Qwen3 or DeepSeek-V4 config.json for a fresh one)"
             )
         if self.target_config is not None and (self.mode != "target" or self.tokenizer is None):
             raise UsageError("target_config is for mode target and needs tokenizer (the fresh target's tokenizer.json)")

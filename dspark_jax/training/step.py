@@ -129,7 +129,12 @@ def loss_fn(
         mask_token_id=c.mask_token_id,
         loss_decay_gamma=spec.loss_decay_gamma,
     )
-    outputs = draft_forward(model, features, last_hidden, blocks)
+    if getattr(c, "flavour", None) == "deepseek_v4":  # V4 stages, context rings and heads (V4 §4)
+        from dspark_jax.training.v4 import v4_draft_forward
+
+        outputs = v4_draft_forward(model, features, last_hidden, blocks)
+    else:
+        outputs = draft_forward(model, features, last_hidden, blocks)
     return draft_loss(outputs, blocks, spec.loss_weights, candidate_anchors(loss_mask))
 
 

@@ -51,7 +51,9 @@ def verify(
         A chain of k nodes is [-1, 0, 1, ..., k-2].
       num_proposed: i32[batch] -- only nodes with index < num_proposed are proposed (0 allowed).
       target_probs: f32[batch, nodes+1, vocab] -- row 0 = target at the root, row i+1 = target after node i.
-      draft_probs: f32[batch, nodes, vocab] -- draft distribution node i's token was sampled from.
+      draft_probs: f32[batch, nodes, vocab] -- draft distribution node i's token was sampled from; None when
+        every row is one_hot(draft_tokens[i]) (deterministic candidates): the one-hot fast path (trees §2.4), which
+        reads no draft rows and streams no vocabulary on a rejection.
       uniforms: f32[batch, nodes] -- U(0,1) per node for the acceptance test.
       residual_uniforms: f32[batch] -- U(0,1) per row for the extra token.
       impl: "auto" (Pallas kernel on GPU/TPU, reference on CPU), "pallas", or "reference".
@@ -74,17 +76,26 @@ def verify(
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     args = (draft_tokens, parents, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms)
+    onehot = draft_probs is None
+
+    def reference():
+        if onehot:
+            return verify_reference_onehot(
+                draft_tokens, parents, num_proposed, target_probs, uniforms, residual_uniforms
+            )
+        return verify_reference(*args)
+
     here = _common.platform()
     if impl == "reference" or (impl == "auto" and not _common.has_accelerator()):
-        return verify_reference(*args)
+        return reference()
     if not interpret and not _common.has_accelerator():
         raise ValueError(f"impl='pallas' needs a GPU or TPU backend (jax runs on {here}); pass interpret=True")
     variant = _common.platform(platform) if platform is not None else here
     vocab = target_probs.shape[-1]
     if variant == _common.TPU:
         block = tpu_config(vocab, block_v)
-        if impl == "auto" and draft_tokens.shape[1] > tpu_max_nodes(vocab, block):
-            return verify_reference(*args)
+        if impl == "auto" and draft_tokens.shape[1] > tpu_max_nodes(vocab, block, onehot=onehot):
+            return reference()
         return verify_tpu(*args, block_v=block, interpret=interpret, max_siblings=max_siblings)
     # "gpu", or "cpu" (interpret mode only) -> the Triton variant.
     block, num_warps, num_stages = gpu_config(vocab, block_v)

@@ -15,6 +15,13 @@ Work split:
   for the crossing tile, then a binary search inside that tile with masked sums).
 * Wrapper (after): rebuilds accept_len / accepted_nodes from the last accepted node by walking parents.
 
+One-hot fast path (trees §2.4; `draft_probs=None`: every row is one_hot(x_j), deterministic top-k candidates): no
+draft rows exist at all. `D[i, j] = [x_i == x_j]`, the ratio's denominator is 1, and the residual mass after
+rejecting x is the scalar `sum(dist) - min(dist[x], 1)` (the rejection zeroes dist[x] <= 1), with `sum(dist)` the
+target row's sum (gathered by the wrapper) or, after an applied rejection, `Z * (1 / Z)`: rejections stream no
+vocabulary. The final draw re-derives the distribution from the target tile with each rejected sibling's token
+zeroed and rescaled -- one tile read per vocab tile.
+
 The running distribution is never written to memory. It is re-derived per tile from the target row of the
 current node and the draft rows of the already-rejected siblings ("level mates"), each applied as
 `max(0, d - p_i) * inv_Z_i` in rejection order -- the same formula as the reference. This keeps the kernel free
@@ -25,8 +32,10 @@ re-reading one draft tile per rejected sibling: a row whose current node has m r
 Packed per-row scalars (all lengths static; the kernel sees them with a unit middle axis, `[batch, 1, width]`,
 so that a per-row block's last two dims equal the array's -- a Mosaic block-shape rule):
 
-* `fscal: f32[batch, 2*nodes + nodes*nodes + 1]` = [uniforms | q0 | D (row-major over (i, j)) | residual_u].
-* `iscal: i32[batch, nodes + 1]` = [parents | num_proposed (clipped to [0, nodes])].
+* `fscal: f32[batch, 2*nodes + nodes*nodes + 1]` = [uniforms | q0 | D (row-major over (i, j)) | residual_u];
+  the one-hot path appends `s0[j]` = sum of the target row node j is first tested against (f32[nodes]).
+* `iscal: i32[batch, nodes + 1]` = [parents | num_proposed (clipped to [0, nodes])]; the one-hot path appends the
+  (clipped) tokens (i32[nodes]).
 * kernel output `out: i32[batch, 1, 2]` = [last accepted node (-1 = root) | next_token].
 """
 
@@ -50,8 +59,9 @@ LoadTile = Callable[[Any, jax.Array, jax.Array], jax.Array]
 def pack_scalars(draft_tokens, parents, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms):
     """Gather the per-node probabilities at drafted tokens and pack the per-row scalars.
 
-    Args: as :func:`pallas_kernels.verify.reference.verify_reference` (target/draft already f32).
-    Returns: `(fscal f32[batch, 2N + N*N + 1], iscal i32[batch, N + 1])`, N = nodes.
+    Args: as :func:`pallas_kernels.verify.reference.verify_reference` (target/draft already f32); draft_probs
+    None = one-hot rows (then D comes from token equality and the one-hot path's extra scalars are appended).
+    Returns: `(fscal f32[batch, 2N + N*N + 1 (+ N)], iscal i32[batch, N + 1 (+ N)])`, N = nodes.
     """
     batch, nodes = draft_tokens.shape
     vocab = target_probs.shape[-1]
@@ -63,16 +73,34 @@ def pack_scalars(draft_tokens, parents, num_proposed, target_probs, draft_probs,
     prow = jnp.clip(par + 1, 0, nodes)
     flat_target = target_probs.reshape(batch, (nodes + 1) * vocab)
     q0 = jnp.take_along_axis(flat_target, prow * vocab + tokens, axis=1)
-    d = jnp.take_along_axis(draft_probs, jnp.broadcast_to(tokens[:, None, :], (batch, nodes, nodes)), axis=2)
+    if draft_probs is None:  # one_hot(x_i)[x_j]
+        d = (tokens[:, :, None] == tokens[:, None, :]).astype(jnp.float32)
+        extra_f = [jnp.take_along_axis(jnp.sum(target_probs, axis=-1), prow, axis=1)]
+        extra_i = [tokens]
+    else:
+        d = jnp.take_along_axis(draft_probs, jnp.broadcast_to(tokens[:, None, :], (batch, nodes, nodes)), axis=2)
+        extra_f = extra_i = []
     fscal = jnp.concatenate(
-        [uniforms.astype(jnp.float32), q0, d.reshape(batch, nodes * nodes), residual_uniforms[:, None]], axis=1
+        [uniforms.astype(jnp.float32), q0, d.reshape(batch, nodes * nodes), residual_uniforms[:, None], *extra_f],
+        axis=1,
     ).astype(jnp.float32)
-    iscal = jnp.concatenate([par, k[:, None]], axis=1)
+    iscal = jnp.concatenate([par, k[:, None], *extra_i], axis=1)
     return fscal, iscal
 
 
-def make_kernel(*, nodes: int, n_tiles: int, block_v: int, load_tile: LoadTile, max_siblings: int | None = None):
+def make_kernel(
+    *,
+    nodes: int,
+    n_tiles: int,
+    block_v: int,
+    load_tile: LoadTile,
+    max_siblings: int | None = None,
+    onehot: bool = False,
+):
     """Kernel body for one batch row.
+
+    onehot: every draft row is one_hot(x_j) (the one-hot fast path, module docstring): the kernel then takes no
+    draft ref, `kernel(fs_ref, is_ref, tgt_ref, out_ref)`.
 
     max_siblings: when the caller guarantees that siblings are contiguous and at most this many (the tree
     builder's depth-major order with K children per node), the rejected siblings of node j lie in
@@ -90,9 +118,11 @@ def make_kernel(*, nodes: int, n_tiles: int, block_v: int, load_tile: LoadTile, 
     if 1 << log2_block != t_sz:
         raise ValueError(f"block_v must be a power of two for the in-tile binary search, got {t_sz}")
 
-    def kernel(fs_ref, is_ref, tgt_ref, drf_ref, out_ref):
+    def kernel(fs_ref, is_ref, tgt_ref, *refs):
+        drf_ref, out_ref = (None, refs[0]) if onehot else refs
         k = is_ref[0, n]
         par = [is_ref[0, j] for j in range(n)]
+        tok = [is_ref[0, n + 1 + j] for j in range(n)] if onehot else None
 
         def fs(i):
             return fs_ref[0, i]
@@ -103,6 +133,12 @@ def make_kernel(*, nodes: int, n_tiles: int, block_v: int, load_tile: LoadTile, 
         def dist_tile(start, cur, mates):
             # Distribution at `cur` after its rejected children: target row, then each applied residual.
             d = load_tile(tgt_ref, cur + 1, start)
+            if onehot:  # max(0, d - one_hot(x_i)) * inv: only lane x_i changes before the rescale
+                lanes = start + lax.broadcasted_iota(jnp.int32, d.shape, d.ndim - 1)
+                for i, active, inv in mates:
+                    resid = jnp.where(lanes == tok[i], jnp.maximum(d - 1.0, 0.0), d) * inv
+                    d = jnp.where(active, resid, d)
+                return d
             for i, active, inv in mates:
 
                 def apply(d, i=i, inv=inv):
@@ -113,7 +149,7 @@ def make_kernel(*, nodes: int, n_tiles: int, block_v: int, load_tile: LoadTile, 
             return d
 
         cur = jnp.int32(-1)
-        applied, inv_mass = [], []
+        applied, inv_mass, mass_of = [], [], []
         for j in range(n):
             eligible = (j < k) & (par[j] == cur)
             # Children of `cur` tried before j were all rejected (otherwise the walk would have moved on).
@@ -134,7 +170,16 @@ def make_kernel(*, nodes: int, n_tiles: int, block_v: int, load_tile: LoadTile, 
 
             # Zero trips unless rejected. (A loop bound rather than lax.cond: Triton's cond lowering cannot
             # yield a constant from a branch.)
-            mass = lax.fori_loop(0, jnp.where(reject, n_tiles, 0), mass_body, jnp.float32(0.0))
+            if onehot:
+                # sum(dist) - min(dist[x_j], 1): the dist's sum is the target row's, or 1 = Z * (1 / Z) after the
+                # latest applied rejection (mates are in rejection order).
+                total = fs(2 * n + n * n + 1 + j)
+                for i, active, inv in mates:
+                    total = jnp.where(active, mass_of[i] * inv, total)
+                mass = jnp.where(reject, total - jnp.minimum(q, 1.0), 0.0)
+                mass_of.append(mass)
+            else:
+                mass = lax.fori_loop(0, jnp.where(reject, n_tiles, 0), mass_body, jnp.float32(0.0))
             app = reject & (mass > MASS_FLOOR)
             applied.append(app)
             inv_mass.append(jnp.where(app, 1.0 / jnp.where(app, mass, 1.0), 0.0))
@@ -228,12 +273,14 @@ def verify_pallas(
 ) -> VerifyResult:
     """Pack, run the shared kernel over grid (batch,), unpack. Called by the gpu/tpu wrappers (static args).
 
+    draft_probs None: every draft row is one_hot(draft_tokens[j]) (the one-hot fast path; no draft rows are read).
     vocab_multiple: pad the vocab axis with zeros to this multiple (Mosaic), or None to leave it (Triton masks).
     load_tile_for(vocab_as_seen) -> the variant's tile loader.
     """
     batch, nodes = draft_tokens.shape
+    onehot = draft_probs is None
     target_probs = target_probs.astype(jnp.float32)
-    draft_probs = draft_probs.astype(jnp.float32)
+    draft_probs = None if onehot else draft_probs.astype(jnp.float32)
     fscal, iscal = pack_scalars(
         draft_tokens, parents, num_proposed, target_probs, draft_probs, uniforms, residual_uniforms
     )
@@ -241,8 +288,8 @@ def verify_pallas(
     if vocab_multiple is not None and vocab % vocab_multiple:
         pad = vocab_multiple - vocab % vocab_multiple
         target_probs = jnp.pad(target_probs, ((0, 0), (0, 0), (0, pad)))
-        draft_probs = jnp.pad(draft_probs, ((0, 0), (0, 0), (0, pad)))
-    if nodes == 0:
+        draft_probs = None if onehot else jnp.pad(draft_probs, ((0, 0), (0, 0), (0, pad)))
+    if nodes == 0 and not onehot:
         # A zero-size block is not expressible; one unproposed dummy node changes nothing (num_proposed <= 0).
         draft_probs = jnp.zeros((batch, 1, target_probs.shape[-1]), jnp.float32)
     seen_vocab = target_probs.shape[-1]
@@ -253,6 +300,7 @@ def verify_pallas(
         block_v=block_v,
         load_tile=load_tile_for(seen_vocab),
         max_siblings=max_siblings,
+        onehot=onehot,
     )
 
     def row_spec(*block):
@@ -269,12 +317,12 @@ def verify_pallas(
             scalar_spec(fscal.shape[-1]),
             scalar_spec(iscal.shape[-1]),
             row_spec(*target_probs.shape[1:]),
-            row_spec(*draft_probs.shape[1:]),
+            *([] if onehot else [row_spec(*draft_probs.shape[1:])]),
         ],
         out_specs=scalar_spec(2),
         compiler_params=compiler_params,
         interpret=interpret,
         name=name,
-    )(fscal[:, None, :], iscal[:, None, :], target_probs, draft_probs)
+    )(fscal[:, None, :], iscal[:, None, :], target_probs, *([] if onehot else [draft_probs]))
     alen, path = path_from_last(out[:, 0, 0], parents, nodes)
     return VerifyResult(alen, path, out[:, 0, 1])

@@ -89,6 +89,7 @@ def verify_gpu(
       draft_tokens: i32[batch, nodes]; parents: i32[batch, nodes]; num_proposed: i32[batch];
       target_probs: f32[batch, nodes+1, vocab]; draft_probs: f32[batch, nodes, vocab];
       uniforms: f32[batch, nodes]; residual_uniforms: f32[batch]  (other float dtypes are cast to f32).
+      draft_probs None: one-hot rows (the one-hot fast path, see `_kernel.py`).
       block_v: vocab tile, a power of two (see `gpu_config`); vocab need not be a multiple of it.
       num_warps / num_stages: Triton launch parameters.
       interpret: run through the Pallas interpreter (any backend, e.g. CPU tests).

@@ -58,14 +58,17 @@ def _loader(block_v: int):
     return for_vocab
 
 
-def tpu_vmem_bytes(nodes: int, vocab: int, block_v: int) -> int:
-    """VMEM one grid step needs: double-buffered target [nodes+1, Vp] and draft [nodes, Vp] f32 rows."""
-    return 2 * (2 * max(nodes, 1) + 1) * _common.round_up(vocab, block_v) * 4 + _VMEM_HEADROOM
+def tpu_vmem_bytes(nodes: int, vocab: int, block_v: int, onehot: bool = False) -> int:
+    """VMEM one grid step needs: double-buffered target [nodes+1, Vp] and draft [nodes, Vp] f32 rows (no draft
+    rows on the one-hot path)."""
+    rows = (1 if onehot else 2) * max(nodes, 1) + 1
+    return 2 * rows * _common.round_up(vocab, block_v) * 4 + _VMEM_HEADROOM
 
 
-def tpu_max_nodes(vocab: int, block_v: int) -> int:
-    """The largest node count whose rows fit the VMEM cap (about 40 at vocab 151936): the TPU node cap."""
-    per_node = 2 * 2 * _common.round_up(vocab, block_v) * 4
+def tpu_max_nodes(vocab: int, block_v: int, onehot: bool = False) -> int:
+    """The largest node count whose rows fit the VMEM cap (about 40 at vocab 151936, 80 on the one-hot path): the
+    TPU node cap."""
+    per_node = 2 * (1 if onehot else 2) * _common.round_up(vocab, block_v) * 4
     return max(0, (_VMEM_CAP - _VMEM_HEADROOM - 2 * _common.round_up(vocab, block_v) * 4) // per_node)
 
 
@@ -89,6 +92,7 @@ def verify_tpu(
       draft_tokens: i32[batch, nodes]; parents: i32[batch, nodes]; num_proposed: i32[batch];
       target_probs: f32[batch, nodes+1, vocab]; draft_probs: f32[batch, nodes, vocab];
       uniforms: f32[batch, nodes]; residual_uniforms: f32[batch]  (other float dtypes are cast to f32).
+      draft_probs None: one-hot rows (the one-hot fast path, see `_kernel.py`).
       block_v: vocab tile, a power of two and a multiple of 128 (see `tpu_config`); vocab is padded to it.
       interpret: run through the Pallas interpreter (any backend, e.g. CPU tests).
       max_siblings: siblings are contiguous and at most this many (see `_kernel.make_kernel`); None = any order.
@@ -100,9 +104,10 @@ def verify_tpu(
         raise ValueError(f"block_v must be a power-of-two multiple of {_LANES}, got {block_v}")
     pltpu = _tpu()
     nodes = draft_tokens.shape[1]
-    vmem = tpu_vmem_bytes(nodes, target_probs.shape[-1], block_v)
+    onehot = draft_probs is None
+    vmem = tpu_vmem_bytes(nodes, target_probs.shape[-1], block_v, onehot)
     if vmem > _VMEM_CAP:
-        cap = tpu_max_nodes(target_probs.shape[-1], block_v)
+        cap = tpu_max_nodes(target_probs.shape[-1], block_v, onehot)
         raise ValueError(f"{nodes} nodes need {vmem >> 20} MiB of VMEM at this vocab; the TPU kernel takes <= {cap}")
     return verify_pallas(
         draft_tokens,
