@@ -8,6 +8,8 @@
 #                reference: does the kernel compile inside the loop, and are the tokens the same? (pallas_loop.json)
 #   bench        Qwen3-4B shape, random bf16 weights, batch 1 and 32: plain and speculative tokens/s, compile
 #                time, τ, the per-round split, the plain-decode HBM roofline and projections at the paper's τ
+#   trees        the same shape with 15-node trees (15,4,4), batch 1 and 32: τ, nodes verified per round and
+#                tokens/s against plain, where extra verify rows are nearly free (trees_$SHAPE.json)
 #   moe_layer    the MoE layer at V4-Flash expert shapes (256 experts, top-6, I 2048, H 4096; bf16) for 1-256 tokens
 #                and a prefill chunk, every dispatch variant side by side (moe_layer.json)
 #   long_prompt  a 32k-token random prompt at the same shape, 8 new tokens, plain and speculative: seconds,
@@ -116,6 +118,10 @@ run_stage pallas_loop 75 env DSPARK_VERIFY_IMPL=pallas python -c "$PALLAS_LOOP" 
 # shellcheck disable=SC2086  # BATCHES is a list of batch sizes
 run_stage bench 170 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --max-new-tokens 128 \
     --repeats 3 --time-budget $((120 * SCALE)) --out "$OUT/bench_$SHAPE.json"
+
+# shellcheck disable=SC2086
+run_stage trees 60 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --tree 15,4,4 \
+    --max-new-tokens 64 --repeats 2 --no-split --time-budget $((40 * SCALE)) --out "$OUT/trees_$SHAPE.json"
 
 run_stage moe_layer 60 python benchmarks/moe_layer.py --width-divisor "$MOE_DIV" --dtype bfloat16 --repeats 3 \
     --max-gib 24 --out "$OUT/moe_layer.json"

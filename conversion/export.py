@@ -79,20 +79,23 @@ def inverse_keymap(keymap, paths: list[tuple]) -> dict[tuple, tuple[str, str]]:
     return out
 
 
-def export_tensors(state: nnx.State, keymap, dtype: str | None = None) -> dict[str, np.ndarray]:
-    """The checkpoint tensors of a full model state (params and frozen copies): {source key: numpy array}."""
-    flat = [(path, np.asarray(var.get_value())) for path, var in state.flat_state()]
+def export_tensors(state: nnx.State, keymap, dtype: str | None = None, skip: tuple[tuple, ...] = ()) -> dict:
+    """The checkpoint tensors of a full model state (params and frozen copies) but the param paths in `skip`:
+    {source key: numpy array}; floating arrays cast to `dtype` when given, integer tables (V4's tid2eid) kept."""
+    flat = [(path, np.asarray(var.get_value())) for path, var in state.flat_state() if path not in skip]
     plan = inverse_keymap(keymap, [p for p, _ in flat])
     tensors = {}
     for path, array in flat:
         key, fn = plan[path]
         src = tuple(TRANSFORMS[fn].source_shape(tuple(array.shape)))
         out = np.ascontiguousarray(INVERSES[fn](array, src))
-        tensors[key] = out.astype(EXPORT_DTYPES[dtype]) if dtype is not None else out
+        cast = dtype is not None and np.issubdtype(out.dtype, np.floating)
+        tensors[key] = out.astype(EXPORT_DTYPES[dtype]) if cast else out
     return tensors
 
 
-def _write(dst: str, tensors: dict, config: dict, extra_files: tuple[str, ...]) -> None:
+def write_folder(dst: str, tensors: dict, config: dict, extra_files: tuple[str, ...]) -> None:
+    """model.safetensors + config.json + `extra_files` (copied) as the folder `dst`, written atomically."""
     with atomic_dir(dst) as tmp:
         save_safetensors(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
         for path in extra_files:
@@ -109,7 +112,7 @@ def export_draft(dst: str, config: DraftConfig, state: nnx.State, dtype: str = "
         kind += "_gemma4"
     d = config.to_hf_dict()
     d.update(torch_dtype=dtype, dtype=dtype)
-    _write(dst, export_tensors(state, KEYMAPS[kind], dtype), d, ())
+    write_folder(dst, export_tensors(state, KEYMAPS[kind], dtype), d, ())
 
 
 def export_target(
@@ -119,7 +122,7 @@ def export_target(
     (tokenizer, generation config) are copied alongside. Written atomically."""
     d = config.to_hf_dict()
     d.update(torch_dtype=dtype, dtype=dtype)
-    _write(dst, export_tensors(state, KEYMAPS["qwen3"], dtype), d, extra_files)
+    write_folder(dst, export_tensors(state, KEYMAPS["qwen3"], dtype), d, extra_files)
 
 
 __all__ = ["export_draft", "export_target", "export_tensors", "inverse_keymap", "INVERSES"]

@@ -161,10 +161,8 @@ def _v4_draft_job(cfg: TrainConfig, compute: str, target):
     from flax import nnx
 
     from dspark_jax import loading
-    from dspark_jax.models import DeepseekV4, DeepseekV4Draft
+    from dspark_jax.models import DeepseekV4Draft
     from dspark_jax.training import v4
-    from dspark_jax.training.loop import TrainJob
-    from dspark_jax.training.losses import DFLASH_LOSS_WEIGHTS, DSPARK_LOSS_WEIGHTS
 
     if cfg.draft is not None:
         handle = loading.load_draft(cfg.draft, target)
@@ -185,27 +183,32 @@ def _v4_draft_job(cfg: TrainConfig, compute: str, target):
         model.head[...] = jnp.asarray(head, jnp.float32)
         if not use_markov:
             v4.zero_markov(model)
-    gd, params, frozen = nnx.split(model, v4.trainable_filter(use_markov), ...)
-    is_dspark = use_markov or config.enable_confidence_head
+    split = nnx.split(model, v4.trainable_filter(use_markov), ...)
+    return _draft_job(cfg, compute, target, split, config, use_markov or config.enable_confidence_head, num_anchors)
+
+
+def _draft_job(cfg: TrainConfig, compute: str, target, split, config, is_dspark: bool, num_anchors: int):
+    """The draft's TrainJob from its (graphdef, params, frozen) split: the spec §9 loss weights of its kind and the
+    frozen target as teacher, cast to the compute dtype (it only runs forward); --num-anchors overrides the draft's
+    own `num_anchors`."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dspark_jax.training.loop import TrainJob
+    from dspark_jax.training.losses import DFLASH_LOSS_WEIGHTS, DSPARK_LOSS_WEIGHTS
+
     weights = cfg.loss_weights or (DSPARK_LOSS_WEIGHTS if is_dspark else DFLASH_LOSS_WEIGHTS)
     teacher_graphdef, teacher_state = target.graphdef, target.state
-    if compute != "float32":  # the frozen teacher only runs forward: keep it in the compute dtype
-        teacher_config = target.config.with_dtype(compute)
-        teacher_graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepseekV4(teacher_config, rngs=nnx.Rngs(0))))
+    if compute != "float32":
+        tc = target.config.with_dtype(compute)
+        teacher_graphdef = nnx.graphdef(nnx.eval_shape(lambda: _target_class(tc)(tc, rngs=nnx.Rngs(0))))
         teacher_state = jax.tree.map(
             lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, target.state
         )
-    job = TrainJob(
-        "draft",
-        gd,
-        params,
-        frozen,
-        teacher_graphdef,
-        teacher_state,
-        tuple(config.target_layer_ids),
-        cfg.num_anchors or num_anchors,
-        tuple(weights),
-    )
+    layer_ids = tuple(config.target_layer_ids)
+    anchors = cfg.num_anchors or num_anchors
+    job = TrainJob("draft", *split, teacher_graphdef, teacher_state, layer_ids, anchors, tuple(weights))
     return job, config, target
 
 
@@ -216,9 +219,8 @@ def build_job(cfg: TrainConfig, compute: str):
     from flax import nnx
 
     from dspark_jax import loading
-    from dspark_jax.models import Draft, Qwen3
+    from dspark_jax.models import Draft
     from dspark_jax.training.loop import TrainJob
-    from dspark_jax.training.losses import DFLASH_LOSS_WEIGHTS, DSPARK_LOSS_WEIGHTS
     from dspark_jax.training.step import split_trainable
 
     f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
@@ -250,26 +252,10 @@ def build_job(cfg: TrainConfig, compute: str):
         lm_head = t["embed_tokens"][...].T if target.config.tie_word_embeddings else t["lm_head"][...]
         model.embed_tokens[...] = jnp.asarray(t["embed_tokens"][...], jnp.float32)  # frozen copies (spec §5.3)
         model.lm_head[...] = jnp.asarray(lm_head, jnp.float32)
-    gd, params, frozen = split_trainable(model)
     is_dspark = config.use_markov or config.enable_confidence_head
-    weights = cfg.loss_weights or (DSPARK_LOSS_WEIGHTS if is_dspark else DFLASH_LOSS_WEIGHTS)
-    teacher_graphdef, teacher_state = target.graphdef, target.state
-    if compute != "float32":  # the frozen teacher only runs forward: keep it in the compute dtype
-        teacher_config = target.config.with_dtype(compute)
-        teacher_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen3(teacher_config, rngs=nnx.Rngs(0))))
-        teacher_state = jax.tree.map(lambda x: x.astype(compute), target.state)
-    job = TrainJob(
-        "draft",
-        gd,
-        params,
-        frozen,
-        teacher_graphdef,
-        teacher_state,
-        tuple(config.target_layer_ids),
-        cfg.num_anchors or config.num_anchors,
-        tuple(weights),
+    return _draft_job(
+        cfg, compute, target, split_trainable(model), config, is_dspark, cfg.num_anchors or config.num_anchors
     )
-    return job, config, target
 
 
 # ------------------------------------------------------------------------------------------- V4 export (V4 §3, §4.2)
@@ -298,56 +284,29 @@ def native_keymap(keymap, last_stage: int = 0):
     return tuple(out)
 
 
-def v4_tensors(state, keymap, dtype: str, skip: tuple[tuple, ...] = ()) -> dict:
-    """{native key: array} of a V4 state; float arrays cast to `dtype`, integer tables (tid2eid) kept."""
-    import numpy as np
-
-    from conversion.export import EXPORT_DTYPES, INVERSES, inverse_keymap
-    from conversion.transforms import TRANSFORMS
-
-    flat = [(p, np.asarray(v.get_value())) for p, v in state.flat_state() if p not in skip]
-    plan = inverse_keymap(keymap, [p for p, _ in flat])
-    out = {}
-    for path, array in flat:
-        key, fn = plan[path]
-        array = np.ascontiguousarray(INVERSES[fn](array, tuple(TRANSFORMS[fn].source_shape(tuple(array.shape)))))
-        out[key] = array.astype(EXPORT_DTYPES[dtype]) if np.issubdtype(array.dtype, np.floating) else array
-    return out
-
-
-def _write_v4(dst: str, tensors: dict, config: dict, extra_files: tuple[str, ...]) -> None:
-    from conversion.reader import save_safetensors
-    from dspark_jax.checkpoints import atomic_dir
-
-    with atomic_dir(dst) as tmp:
-        save_safetensors(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
-        for path in extra_files:
-            shutil.copy2(path, tmp)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-
-
 def export_v4_target(dst: str, config: DeepseekV4Config, state, dtype: str, extras=()) -> None:
     """A V4 target state -> native-layout folder (model.safetensors + config.json [+ tokenizer files])."""
+    from conversion.export import export_tensors, write_folder
     from conversion.keymaps.deepseek_v4 import DEEPSEEK_V4_KEYMAP
 
     d = {**config.to_hf_dict(), "torch_dtype": dtype}
-    _write_v4(dst, v4_tensors(state, native_keymap(DEEPSEEK_V4_KEYMAP), dtype), d, tuple(extras))
+    write_folder(dst, export_tensors(state, native_keymap(DEEPSEEK_V4_KEYMAP), dtype), d, tuple(extras))
 
 
 def export_v4_draft(dst: str, config, state, target, dtype: str) -> None:
     """A V4 -DSpark folder (V4 §4.2): the target's tensors plus the draft under mtp.0..S-1, one config.json with the
     dspark_* fields, the target's tokenizer files. `target` is the loading.Target the draft was trained against."""
+    from conversion.export import export_tensors, write_folder
     from conversion.keymaps.deepseek_v4 import DEEPSEEK_V4_DRAFT_KEYMAP, DEEPSEEK_V4_KEYMAP
 
-    tensors = v4_tensors(target.state, native_keymap(DEEPSEEK_V4_KEYMAP), dtype)
+    tensors = export_tensors(target.state, native_keymap(DEEPSEEK_V4_KEYMAP), dtype)
     keymap = native_keymap(DEEPSEEK_V4_DRAFT_KEYMAP, config.num_stages - 1)
-    tensors.update(v4_tensors(state, keymap, dtype, skip=(("embed",), ("head",))))  # bound: the target's own
+    tensors.update(export_tensors(state, keymap, dtype, skip=(("embed",), ("head",))))  # bound: the target's own
     d = {**target.config.to_hf_dict(), **config.to_hf_fields(), "torch_dtype": dtype}
     d["compress_ratios"] = list(target.config.compress_ratios) + [0] * config.num_stages  # stages are SWA-only
     names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
     extras = tuple(p for p in (os.path.join(target.path, n) for n in names) if os.path.isfile(p))
-    _write_v4(dst, tensors, d, extras)
+    write_folder(dst, tensors, d, extras)
 
 
 def _export(cfg: TrainConfig, config, state, target) -> None:
