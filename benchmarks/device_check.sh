@@ -4,8 +4,9 @@
 # Stages, in this order; each runs under its own timeout and the overall deadline, and a failed or timed-out
 # stage is recorded and the next one runs. $OUT/device_check.json is rewritten after every stage.
 #   kernel       the gpu-marked tests: the compiled Pallas verify kernel against its reference (kernel_tests.xml)
-#   pallas_loop  the tiny-shape speculative loop (greedy and T = 1 rows) with DSPARK_VERIFY_IMPL=pallas, then the
-#                reference: does the kernel compile inside the loop, and are the tokens the same? (pallas_loop.json)
+#   pallas_loop  the tiny-shape speculative loop (greedy and T = 1 rows; chains, then 7-node trees) with
+#                DSPARK_VERIFY_IMPL=pallas, then the reference: does the kernel compile inside the loop, and are the
+#                tokens the same? (pallas_loop.json)
 #   bench        Qwen3-4B shape, random bf16 weights, batch 1 and 32: plain and speculative tokens/s, compile
 #                time, τ, the per-round split, the plain-decode HBM roofline and projections at the paper's τ
 #   trees        the same shape with 15-node trees (15,4,4), batch 1 and 32: τ, nodes verified per round and
@@ -78,28 +79,33 @@ target, draft = bench.random_pair("tiny", "bfloat16", 0)
 prompts = np.random.default_rng(0).integers(0, 256, (8, 48)).tolist()
 # Greedy and sampled rows side by side: the kernel sees one-hot rows and real distributions in one call.
 kw = {"max_new_tokens": 32, "temperature": [0.0, 1.0] * 4, "seed": 1}
-for impl in ("pallas", "reference"):
-    ops.VERIFY_IMPL = impl
-    loop.decode_loop.clear_cache()  # a compiled loop keeps the rule it was traced with
-    try:
-        start = time.perf_counter()
-        first = dj.generate(target, draft, prompts, **kw)
-        warm = time.perf_counter() - start
-        again = dj.generate(target, draft, prompts, **kw)
-        report["runs"][impl] = {"tokens": first.tokens, "tau": first.tau, "first_call_s": warm,
-                                "run_s": again.seconds, "deterministic": again.tokens == first.tokens}
-    except Exception as e:  # recorded; the other implementation still runs
-        report["runs"][impl] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-    json.dump(report, open(path, "w"), indent=1)
-pallas, ref = (report["runs"][k].get("tokens", []) for k in ("pallas", "reference"))
-report["same_tokens_per_row"] = [a == b for a, b in zip(pallas, ref)]
-report["same_tokens"] = bool(pallas) and pallas == ref
+# Chains (accept_chain) and trees (accept_tree, 7 nodes, 2 children, beam 2) through each implementation.
+for tree, suffix in ((None, ""), ("7,2,2", "_tree")):
+    for impl in ("pallas", "reference"):
+        ops.VERIFY_IMPL = impl
+        loop.decode_loop.clear_cache()  # a compiled loop keeps the rule it was traced with
+        try:
+            start = time.perf_counter()
+            first = dj.generate(target, draft, prompts, tree=tree, **kw)
+            warm = time.perf_counter() - start
+            again = dj.generate(target, draft, prompts, tree=tree, **kw)
+            report["runs"][impl + suffix] = {"tokens": first.tokens, "tau": first.tau, "first_call_s": warm,
+                                             "run_s": again.seconds, "deterministic": again.tokens == first.tokens}
+        except Exception as e:  # recorded; the other implementation still runs
+            report["runs"][impl + suffix] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        json.dump(report, open(path, "w"), indent=1)
+same = []
+for suffix in ("", "_tree"):
+    pallas, ref = (report["runs"][k + suffix].get("tokens", []) for k in ("pallas", "reference"))
+    report["same_tokens_per_row" + suffix] = [a == b for a, b in zip(pallas, ref)]
+    same.append(bool(pallas) and pallas == ref)
+report["same_tokens"], report["same_tokens_tree"] = same
 report["note"] = "sampled rows: a rare difference can be summation order in the residual draw, not a wrong rule"
 json.dump(report, open(path, "w"), indent=1)
 print(json.dumps({k: v for k, v in report.items() if k != "runs"}))
 for k, v in report["runs"].items():
     print(k, json.dumps({m: x for m, x in v.items() if m != "tokens"}))
-sys.exit(0 if report["same_tokens"] and report["env_switch_reached_ops"] else 1)
+sys.exit(0 if report["same_tokens"] and report["same_tokens_tree"] and report["env_switch_reached_ops"] else 1)
 '
 
 {
@@ -112,7 +118,7 @@ write_summary
 run_stage kernel 120 python -m pytest -q -o addopts= -m gpu tests/test_verify_kernel.py -p no:cacheprovider \
     --junitxml "$OUT/kernel_tests.xml"
 
-run_stage pallas_loop 75 env DSPARK_VERIFY_IMPL=pallas python -c "$PALLAS_LOOP" "$OUT/pallas_loop.json"
+run_stage pallas_loop 120 env DSPARK_VERIFY_IMPL=pallas python -c "$PALLAS_LOOP" "$OUT/pallas_loop.json"
 
 # bench starts no new stage after --time-budget, so its JSON ends cleanly before the stage's timeout.
 # shellcheck disable=SC2086  # BATCHES is a list of batch sizes

@@ -438,10 +438,6 @@ def _validate(args) -> None:
     SamplingConfig(args.temperature)
     VerifyPolicy.parse(args.verify)
     _tree(args)
-    if args.tree is not None and args.verify == "scheduler":
-        raise UsageError(
-            f"--verify scheduler is not available with --tree {args.tree} yet (accepted: full, threshold:X)"
-        )
     for name in ("max_new_tokens", "prompt_len", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -360,10 +360,6 @@ def _resolve(args: EvalArgs) -> EvalArgs:
         raise UsageError(
             f"--save-calibration fits on chain rounds (it measures its own trees); drop --tree {args.tree}"
         )
-    if args.tree is not None and "scheduler" in _policies(args):
-        raise UsageError(
-            f"--verify scheduler is not available with --tree {args.tree} yet (accepted: full, threshold:X)"
-        )
     return args
 
 

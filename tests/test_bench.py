@@ -117,7 +117,6 @@ def test_bench_tree_rounds(tmp_path, capsys):
     [
         (["--tree", "0,2"], ["tree nodes", "0"]),
         (["--tree", "7", "--tree-mode", "beam"], ["--tree-mode", "'beam'"]),
-        (["--tree", "7", "--verify", "scheduler"], ["scheduler", "--tree 7"]),
     ],
 )
 def test_bad_tree_is_one_line_exit_2(tmp_path, capsys, extra, words):

@@ -222,7 +222,6 @@ def test_policy_needing_confidence_head_refused_before_decoding(sets, capsys, mo
         (["--tree", "a,b"], ["N[,K[,W]]", "'a,b'"]),
         (["--tree", "7,2,3"], ["tree beam", "branch factor 2", "3"]),
         (["--tree", "15", "--tree-mode", "beam"], ["--tree-mode", "swor", "'beam'"]),
-        (["--tree", "15", "--verify", "scheduler"], ["scheduler", "--tree 15", "full"]),
         (["--tree", "15", "--save-calibration"], ["--save-calibration", "--tree 15"]),
     ],
 )
