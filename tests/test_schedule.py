@@ -13,11 +13,14 @@ import dspark_jax as dj
 from dspark_jax import metrics
 from dspark_jax.decoding import calibration
 from dspark_jax.decoding.schedule import (
+    GAIN_WEIGHT,
+    GATE_CLOSE,
     MAX_PROBE_EVERY,
     NEVER,
     PRIOR_PROBE_EVERY,
     PROBE_BUDGET,
     PROBE_EVERY,
+    PROBE_GAIN_WEIGHT,
     SchedulerState,
     plan_width,
     prefix_confidences,
@@ -66,7 +69,9 @@ def test_gate_backs_off_and_resets():
     """Probes that barely fail (waste 5% of a round: the cost floor is 3 rounds) back off by doubling."""
     sched = SchedulerState.initial(np.ones(3), [1.0, 1.0], 1.0, 2)
     assert bool(sched.drafting) and int(sched.probe_every) == PROBE_EVERY
-    off = sched.after_round(jnp.float32(1.9), jnp.int32(2))  # 1.9 tokens/s against plain's 2: stop drafting
+    # 1.9 tokens/s against plain's 2 keeps a drafting gate open (hysteresis), 1.7 closes it
+    assert bool(sched.after_round(jnp.float32(1.9), jnp.int32(2)).drafting)
+    off = sched.after_round(jnp.float32(1.7), jnp.int32(2))
     assert not bool(off.drafting) and int(off.probe_every) == 2 * PROBE_EVERY
     for _ in range(2 * PROBE_EVERY - 1):
         off = off.after_round(jnp.float32(0.0), jnp.int32(2))
@@ -79,6 +84,48 @@ def test_gate_backs_off_and_resets():
     assert int(capped.after_round(jnp.float32(0.0), jnp.int32(2)).probe_every) == MAX_PROBE_EVERY
     forced = SchedulerState.initial(np.ones(3), [1.0, 1.0], 1.0, 2, forced=1)
     assert bool(forced.after_round(jnp.float32(0.0), jnp.int32(2)).drafting)  # measuring: the draft stays on
+
+
+def test_gate_runs_on_measured_tokens():
+    """`observed` keeps each live row's running mean of tokens committed (the first round sets it, later ones weigh
+    GAIN_WEIGHT) and prices the slowest live row's at the round's seconds; the gate closes once that falls below
+    plain decoding by GATE_MARGIN, and a probe round weighs PROBE_GAIN_WEIGHT."""
+    sched = SchedulerState.initial(np.ones(3), [1.0, 1.0], 1.0, 3)
+    live = jnp.asarray([True, True, False])
+    first, delivered = sched.observed(jnp.asarray([4, 2, 7]), live, jnp.float32(2.0))  # the done row is ignored
+    np.testing.assert_allclose(first.gain, [4.0, 2.0, 0.0])
+    assert float(delivered) == 2.0  # the slowest live row's 2 tokens x 2 rows / 2 s
+    second, delivered = first.observed(jnp.asarray([1, 5, 1]), live, jnp.float32(2.0))
+    w = GAIN_WEIGHT
+    np.testing.assert_allclose(second.gain, [(1 - w) * 4 + w, (1 - w) * 2 + w * 5, 0.0], rtol=1e-6)
+    assert float(delivered) == pytest.approx((1 - w) * 2 + w * 5)  # still the slower row
+    state, rounds = sched.observed(jnp.asarray([3, 3, 3]), live, jnp.float32(2.0))[0], 0
+    while bool(state.drafting):  # plain: 2 rows / 1 s; one token a round per row delivers 1 / s: the gate closes
+        state, delivered = state.observed(jnp.asarray([1, 1, 1]), live, jnp.float32(2.0))
+        state = state.after_round(delivered, jnp.int32(2))
+        rounds += 1
+    # gain 1 + 2 (1 - w)^n falls below 2 GATE_CLOSE tokens per round (drafting rounds keep the gate open until
+    # drafting clearly loses)
+    closing = np.log((2 * GATE_CLOSE - 1) / 2) / np.log(1 - GAIN_WEIGHT)
+    assert rounds == int(np.ceil(closing)) and float(delivered) < 2.0 * GATE_CLOSE
+    assert int(state.idle_rounds) == 0
+    while not bool(state.drafting):  # the probe's tokens weigh PROBE_GAIN_WEIGHT against the stale means
+        state = state.after_round(jnp.float32(0), jnp.int32(2))
+    probed, _ = state.observed(jnp.asarray([7, 7, 1]), live, jnp.float32(2.0))
+    expected = (1 - PROBE_GAIN_WEIGHT) * float(state.gain[0]) + PROBE_GAIN_WEIGHT * 7
+    np.testing.assert_allclose(probed.gain[:2], [expected, expected], rtol=1e-6)
+
+
+def test_first_round_follows_the_measured_gain():
+    """The first round drafts if the tokens per round of the slowest row in the cost table's timing run (`gain`)
+    beat plain decoding by GATE_MARGIN at the widest round's cost, or if the typical confidences forecast so."""
+    seconds, widths = [1.1, 1.2, 1.6], [1, 2, 4]
+    on = SchedulerState.initial(np.ones(3), seconds, 1.0, 2, prior=[0.0, 0.0, 0.0], gain=1.7, widths=widths)
+    assert bool(on.drafting) and np.allclose(on.gain, 1.7) and int(on.idle_rounds) == 0
+    off = SchedulerState.initial(np.ones(3), seconds, 1.0, 2, prior=[0.1, 0.0, 0.0], gain=1.6, widths=widths)
+    assert not bool(off.drafting) and int(off.probe_every) == PRIOR_PROBE_EVERY  # 1.6 tokens in 1.6 s: no margin
+    hopeful = SchedulerState.initial(np.ones(3), seconds, 1.0, 2, prior=[0.9, 0.9, 0.9], gain=1.6, widths=widths)
+    assert bool(hopeful.drafting)  # the confidences promise 3.4 tokens in 1.6 s: one round tries it
 
 
 def test_probe_interval_follows_the_waste():

@@ -183,7 +183,7 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec, width: int | None 
     if draft is not None:
         args = (draft, state.draft_cache, state.pending, state.num_pending, anchors, anchor_pos, state.sampling)
         if spec.scheduler:
-            proposal, draft_cache, num_proposed, scheduler = _scheduled_proposal(state, spec, args, draft_keys)
+            proposal, draft_cache, num_proposed, scheduler, plan = _scheduled_proposal(state, spec, args, draft_keys)
         else:
             proposal, draft_cache = propose(*args, draft_keys)
             num_proposed = _num_proposed(state, spec, proposal)
@@ -212,10 +212,13 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec, width: int | None 
             return run
 
         logits, taps, target_cache = jax.lax.switch(branch, [narrow(w) for w in spec.widths])
-    state = dataclasses.replace(state, scheduler=scheduler)
-    return _accept_and_commit(
-        state, spec, proposal, logits, taps, target_cache, draft_cache, keys, accept_keys, num_proposed
+    before = dataclasses.replace(state, scheduler=scheduler)
+    state = _accept_and_commit(
+        before, spec, proposal, logits, taps, target_cache, draft_cache, keys, accept_keys, num_proposed
     )
+    if spec.scheduler and draft is not None:
+        state = dataclasses.replace(state, scheduler=_gate(before, state, plan))
+    return state
 
 
 def _room(state: DecodeState, spec: LoopSpec) -> jax.Array:
@@ -242,7 +245,8 @@ def _scheduled_proposal(state: DecodeState, spec: LoopSpec, propose_args, draft_
     confidences (`_planned`; 0 drafts when width 1 pays best), and record in the gate whether the best plan under
     this round's confidences beats plain decoding (spec §11 with a plain option).
 
-    Returns (proposal, draft cache, num_proposed i32[batch], the updated SchedulerState).
+    Returns (proposal, draft cache, num_proposed i32[batch], the SchedulerState with the rows' new prior, and the
+    plan (this round's width index, the next round's) for `_gate`).
     """
     sched = state.scheduler
     live = ~state.done
@@ -250,15 +254,25 @@ def _scheduled_proposal(state: DecodeState, spec: LoopSpec, propose_args, draft_
     proposal, cache = propose(*propose_args, draft_keys)
     planned = _planned(state, spec)
     s = prefix_confidences(proposal.confidence_logits, sched.temperatures)
-    following, theta = plan_width(s, live, widths, sched.width_seconds)  # the next round's plan
+    following, _ = plan_width(s, live, widths, sched.width_seconds)  # the next round's plan
     sched = dataclasses.replace(sched, prior=jnp.where(live[:, None], s, sched.prior))
     k = jnp.full(live.shape, widths[planned] - 1, jnp.int32)
-    sched = sched.after_round(theta, jnp.sum(live), sched.width_seconds[following])
-    return proposal, cache, jnp.minimum(k, _room(state, spec)), sched
+    return proposal, cache, jnp.minimum(k, _room(state, spec)), sched, (planned, following)
+
+
+def _gate(before: DecodeState, after: DecodeState, plan) -> SchedulerState:
+    """The draft gate after a scheduler drafting round: keep drafting iff what drafting rounds have measurably
+    delivered to the live rows (`SchedulerState.observed`) beats plain decoding of them. Acceptance has already
+    happened, so this only steers later rounds."""
+    planned, following = plan
+    sched = before.scheduler
+    live = ~before.done
+    sched, delivered = sched.observed(after.lengths - before.lengths, live, sched.width_seconds[planned])
+    return sched.after_round(delivered, jnp.sum(live), sched.width_seconds[following])
 
 
 def _flush_pending(draft, state: DecodeState) -> DecodeState:
-    """Push the pending context rows into the draft cache (before rounds that push their own row directly)."""
+    """Push the pending context rows into the draft cache (when plain rounds have filled them up)."""
     cache = state.draft_cache
     cache = draft.push_context(cache, state.pending, cache.lengths)
     cache = dataclasses.replace(cache, lengths=cache.lengths + state.num_pending)
@@ -277,9 +291,13 @@ def _plain_next_token(state: DecodeState, logits: jax.Array, keys: jax.Array) ->
 
 
 def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
-    """A scheduler round while the gate has the draft off: one target position per row, as in plain decoding, with
-    that position's features pushed straight into the draft cache, so a later round can draft again. Expects no
-    pending rows (`_flush_pending`). Records 1 committed token, 0 drafts and zero confidences for the round."""
+    """A scheduler round while the gate has the draft off: one target position per row, as in plain decoding, whose
+    features join the pending context rows, so a later round can draft again. The pending rows are pushed into the
+    draft cache only when they fill up (every `spec.width` rounds): the push reads the draft's context weights
+    (~4 % of the embedded target's bytes) whether it writes one row or eight. Records 1 committed token, 0 drafts
+    and zero confidences for the round."""
+    full = jnp.max(state.num_pending) >= state.pending.shape[1]
+    state = jax.lax.cond(full, functools.partial(_flush_pending, draft), lambda s: s, state)
     keys, _, accept_keys = _row_keys(state.keys)
     bsz = state.lengths.shape[0]
     rows = jnp.arange(bsz)
@@ -290,7 +308,8 @@ def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeSta
         target, state.target_cache, anchors[:, None], anchor_pos, spec.tap_layer_ids
     )
     next_token = _plain_next_token(state, logits[:, 0], accept_keys)
-    draft_cache = draft.push_context(state.draft_cache, taps, state.draft_cache.lengths)
+    row_slot = jnp.where(live, state.num_pending, state.pending.shape[1])  # done rows write out of bounds: dropped
+    pending = state.pending.at[rows, row_slot].set(taps[:, 0].astype(state.pending.dtype), mode="drop")
     new_lengths = state.lengths + 1
     finished = _is_stop(next_token, state.stop_ids) | (new_lengths - 1 >= state.limits)
     slot = jnp.where(live, state.lengths, state.tokens.shape[1])  # done rows write out of bounds: dropped
@@ -303,7 +322,8 @@ def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeSta
         done=state.done | (live & finished),
         keys=keys,
         target_cache=dataclasses.replace(target_cache, lengths=jnp.where(live, state.lengths, target_cache.lengths)),
-        draft_cache=dataclasses.replace(draft_cache, lengths=jnp.where(live, state.lengths, draft_cache.lengths)),
+        pending=pending,
+        num_pending=state.num_pending + live.astype(jnp.int32),
         rounds=state.rounds + live.astype(jnp.int32),
         acceptance=state.acceptance.at[rows, record].set(1, mode="drop"),
         proposals=state.proposals.at[rows, record].set(0, mode="drop"),
@@ -434,9 +454,6 @@ def decode_loop(
     def plain_body(s):
         return _plain_round(nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state), s, spec)
 
-    def flush(s):
-        return _flush_pending(nnx.merge(draft_def, draft_state), s)
-
     def at_width(i):
         def round_at(s):
             target = nnx.merge(target_def, target_state)
@@ -452,10 +469,7 @@ def decode_loop(
         # costs one condition).
         for i in range(len(spec.widths)):
             carry = at_width(i)(carry)
-        # Only when the gate closed (not when the call's round budget ran out), so that splitting the rounds over
-        # several calls leaves the state exactly as one call would.
-        s = jax.lax.cond(carry[0].scheduler.drafting, lambda s: s, flush, carry[0])
-        return jax.lax.while_loop(lambda c: more(c) & ~c[0].scheduler.drafting, counted(plain_body), (s, carry[1]))
+        return jax.lax.while_loop(lambda c: more(c) & ~c[0].scheduler.drafting, counted(plain_body), carry)
 
     return jax.lax.while_loop(more, phases, start)[0]
 
@@ -558,13 +572,15 @@ class Prepared:
     width_seconds: np.ndarray | None = None  # f32[len(spec.widths)] round seconds per width, "scheduler" only
     plain_seconds: float | None = None  # a round without the draft, verify="scheduler" only
     prior: np.ndarray | None = None  # f32[block] the pair's typical prefix confidences (`typical_prior`), or None
+    gain: float | None = None  # tokens per round of the slowest row in the table's widest timing run, or None
 
     def prefill(self, target, draft, **scheduler) -> DecodeState:
         """Run `prefill` for this batch (draft None: plain decoding). `scheduler`: keyword arguments of
-        SchedulerState.initial (by default the first round drafts iff a round planned on `prior` pays)."""
+        SchedulerState.initial (by default the first round drafts iff the measured `gain`, else a round planned on
+        `prior`, pays)."""
         sched = None
         if self.spec.scheduler:
-            scheduler = {"prior": self.prior, "widths": self.spec.widths, **scheduler}
+            scheduler = {"prior": self.prior, "gain": self.gain, "widths": self.spec.widths, **scheduler}
             sched = SchedulerState.initial(
                 self.temperatures, self.width_seconds, self.plain_seconds, len(self.prompt_lens), **scheduler
             )
@@ -698,7 +714,8 @@ def prepare(
     prep = dataclasses.replace(prep, temperatures=np.asarray(temperatures, np.float32))
     width_seconds, plain_seconds = round_seconds_table(target, draft, prep)
     prior = typical_prior(target, draft, prep)
-    return dataclasses.replace(prep, width_seconds=width_seconds, plain_seconds=plain_seconds, prior=prior)
+    gain = _TYPICAL_GAIN.get(_table_key(target, draft, prep))
+    return dataclasses.replace(prep, width_seconds=width_seconds, plain_seconds=plain_seconds, prior=prior, gain=gain)
 
 
 def generate(
@@ -788,6 +805,7 @@ def _outputs(prep: Prepared, tokens: np.ndarray, lengths: np.ndarray) -> list[li
 
 _ROUND_SECONDS: dict = {}
 _TYPICAL_CONFIDENCES: dict = {}  # same keys: f32[rounds, block] confidence logits of the table's widest timing run
+_TYPICAL_GAIN: dict = {}  # same keys: the smallest of the live rows' mean tokens per round in that run
 TIMED_ROUNDS = 16  # rounds per timed call of the loop when measuring the scheduler's costs
 
 
@@ -827,6 +845,8 @@ def round_seconds_table(target, draft, prep: Prepared, reps: int = 3) -> tuple[n
                 n = np.asarray(state.rounds)[live]
                 z = np.asarray(state.confidences)[live]
                 _TYPICAL_CONFIDENCES[key] = np.concatenate([z[i, : n[i]] for i in range(len(n))])
+                committed = np.asarray(state.acceptance)[live]
+                _TYPICAL_GAIN[key] = float(min(np.mean(committed[i, : n[i]]) for i in range(len(n))))
             return elapsed
 
         # Every setting once per pass, passes repeated: all settings see the same machine (a shared machine's load

@@ -175,8 +175,9 @@ def tree_round(target, draft, state: DecodeState, spec) -> DecodeState:
     round_idx = jnp.minimum(state.rounds, spec.max_rounds - 1)
     record = jnp.where(live, round_idx, spec.max_rounds)  # done rows write out of bounds: dropped
     new = dataclasses.replace(new, accepted_ranks=state.accepted_ranks.at[rows, record].set(ranks, mode="drop"))
-    if spec.scheduler:  # the draft gate: does the chosen plan's Θ beat plain decoding of the live rows?
+    if spec.scheduler:  # the draft gate: does what drafting delivers beat plain decoding of the live rows?
         verified = jnp.arange(cfg.nodes)[None, :] < tree.num_verify[:, None]
-        theta, cost = expected_throughput(tree.score, verified, live, seconds)
-        new = dataclasses.replace(new, scheduler=state.scheduler.after_round(theta, jnp.sum(live), cost))
+        _, cost = expected_throughput(tree.score, verified, live, seconds)
+        sched, delivered = state.scheduler.observed(new.lengths - state.lengths, live, cost)
+        new = dataclasses.replace(new, scheduler=sched.after_round(delivered, jnp.sum(live), cost))
     return new
