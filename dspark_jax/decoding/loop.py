@@ -242,8 +242,8 @@ def _planned(state: DecodeState, spec: LoopSpec) -> jax.Array:
 
 def _scheduled_proposal(state: DecodeState, spec: LoopSpec, propose_args, draft_keys):
     """verify="scheduler": propose, verify every row's drafts up to the width planned from the rows' previous
-    confidences (`_planned`; 0 drafts when width 1 pays best), and record in the gate whether the best plan under
-    this round's confidences beats plain decoding (spec §11 with a plain option).
+    confidences (`_planned`; 0 drafts when width 1 pays best), and plan the next round's width from this round's
+    confidences (spec §11); whether drafting goes on is `_gate`'s call, after acceptance.
 
     Returns (proposal, draft cache, num_proposed i32[batch], the SchedulerState with the rows' new prior, and the
     plan (this round's width index, the next round's) for `_gate`).
@@ -576,8 +576,8 @@ class Prepared:
 
     def prefill(self, target, draft, **scheduler) -> DecodeState:
         """Run `prefill` for this batch (draft None: plain decoding). `scheduler`: keyword arguments of
-        SchedulerState.initial (by default the first round drafts iff the measured `gain`, else a round planned on
-        `prior`, pays)."""
+        SchedulerState.initial (by default the first round drafts iff the measured `gain` or a round planned on
+        `prior` pays)."""
         sched = None
         if self.spec.scheduler:
             scheduler = {"prior": self.prior, "gain": self.gain, "widths": self.spec.widths, **scheduler}
