@@ -37,6 +37,8 @@ from dspark_jax.configs import (
 from dspark_jax.decoding.calibration import load_rank_factors
 from dspark_jax.errors import DSparkError, UsageError
 from dspark_jax.hub import HUB_PATTERNS, resolve
+from dspark_jax.layers.attention import Attention
+from dspark_jax.layers.mlp import MLP
 from dspark_jax.models import DeepseekV4, DeepseekV4Draft, Draft, Gemma4, Qwen3, Qwen3Moe
 from dspark_jax.tokenizer import Tokenizer, stop_token_ids
 
@@ -47,6 +49,22 @@ def _forward(graphdef, state, tokens, tap_layer_ids):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     hidden, taps, _ = model(tokens, positions, tap_layer_ids=tap_layer_ids)
     return model.logits(hidden), None if taps is None else taps.astype(jnp.float32)
+
+
+def _decode_copy(graphdef: nnx.GraphDef, state: nnx.State, mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) for the decode loop. On CPU without a mesh: a copy whose Qwen3-style MLP and attention
+    kernels (and a DSpark draft's fc and LM head) are out-major, the layout in which XLA:CPU multiplies a verify pass's few rows at the weights' streaming
+    bandwidth (layers/linear.py: 2-3x faster at 8 rows); it holds those kernels a second time. Elsewhere (and for
+    other layers: Gemma4's, the MoE experts) the model as loaded."""
+    if mesh is not None or jax.default_backend() != "cpu":
+        return graphdef, state
+    model = nnx.merge(graphdef, state, copy=True)  # new Variables: the loaded state keeps its kernels
+    changed = False
+    for _, m in nnx.iter_modules(model):
+        if type(m) in (MLP, Attention, Draft):  # exactly these: subclasses read kernels in their own methods
+            m.to_out_major()
+            changed = True
+    return nnx.split(model) if changed else (graphdef, state)
 
 
 @dataclasses.dataclass
@@ -60,9 +78,16 @@ class Target:
     tokenizer: Tokenizer | None = None
     stop_token_ids: tuple[int, ...] = ()
     mesh: jax.sharding.Mesh | None = None
+    _decode: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def module(self) -> Qwen3:
         return nnx.merge(self.graphdef, self.state)
+
+    def decode_parts(self) -> tuple[nnx.GraphDef, nnx.State]:
+        """(graphdef, state) the decode loop runs: the CPU decode copy (`_decode_copy`), made once."""
+        if self._decode is None:
+            self._decode = _decode_copy(self.graphdef, self.state, self.mesh)
+        return self._decode
 
     def forward(self, tokens, tap_layer_ids: tuple[int, ...] = ()):
         """Full causal forward of tokens i32[batch, seq] -> (f32[batch, seq, vocab], f32[batch, seq, taps*hidden])."""
@@ -81,9 +106,17 @@ class DraftHandle:
     path: str
     calibration: np.ndarray | None = None
     rank_factors: np.ndarray | None = None
+    mesh: jax.sharding.Mesh | None = None
+    _decode: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def module(self) -> Draft:
         return nnx.merge(self.graphdef, self.state)
+
+    def decode_parts(self) -> tuple[nnx.GraphDef, nnx.State]:
+        """(graphdef, state) the decode loop runs: the CPU decode copy (`_decode_copy`), made once."""
+        if self._decode is None:
+            self._decode = _decode_copy(self.graphdef, self.state, self.mesh)
+        return self._decode
 
     def propose(
         self,
@@ -175,7 +208,7 @@ def load_draft(path_or_id: str, target: Target, v4_options: dict | None = None) 
     graphdef, state = load_params(folder, kind, Draft, config, target.mesh, path_or_id, bound=bound)
     calibration = load_calibration(folder, config.block_size) if config.enable_confidence_head else None
     factors = load_rank_factors(folder, config.block_size)
-    return DraftHandle(config, graphdef, state, folder, calibration, factors)
+    return DraftHandle(config, graphdef, state, folder, calibration, factors, target.mesh)
 
 
 def has_own_draft(path_or_id: str) -> bool:

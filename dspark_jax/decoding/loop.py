@@ -584,10 +584,9 @@ class Prepared:
             sched = SchedulerState.initial(
                 self.temperatures, self.width_seconds, self.plain_seconds, len(self.prompt_lens), **scheduler
             )
-        draft_def, draft_state = (None, None) if draft is None else (draft.graphdef, draft.state)
+        draft_def, draft_state = (None, None) if draft is None else draft.decode_parts()
         return prefill(
-            target.graphdef,
-            target.state,
+            *target.decode_parts(),
             draft_def,
             draft_state,
             jnp.asarray(self.prompts),
@@ -752,11 +751,12 @@ def generate(
     spec = prep.spec
     draft_def = draft_state = None
     if draft is not None:
-        draft_def, draft_state = draft.graphdef, draft.state
+        draft_def, draft_state = draft.decode_parts()
+    target_def, target_state = target.decode_parts()
     start = time.perf_counter()
     state = prep.prefill(target, draft)
     if on_tokens is None:
-        state = decode_loop(target.graphdef, target.state, draft_def, draft_state, state, spec.max_rounds, spec=spec)
+        state = decode_loop(target_def, target_state, draft_def, draft_state, state, spec.max_rounds, spec=spec)
     else:
         sent = [0] * prep.num_prompts
         while True:
@@ -766,7 +766,7 @@ def generate(
             sent = [len(row) for row in rows]
             if done.all():
                 break
-            state = decode_loop(target.graphdef, target.state, draft_def, draft_state, state, STREAM_ROUNDS, spec=spec)
+            state = decode_loop(target_def, target_state, draft_def, draft_state, state, STREAM_ROUNDS, spec=spec)
     tokens, lengths, rounds, acc, props, conf = jax.device_get(
         (state.tokens, state.lengths, state.rounds, state.acceptance, state.proposals, state.confidences)
     )
@@ -838,7 +838,7 @@ def round_seconds_table(target, draft, prep: Prepared, reps: int = 3) -> tuple[n
         def seconds(**scheduler) -> float:
             state = jax.block_until_ready(timing.prefill(target, draft, **scheduler))
             begin = time.perf_counter()
-            args = (target.graphdef, target.state, draft.graphdef, draft.state, state, rounds)
+            args = (*target.decode_parts(), *draft.decode_parts(), state, rounds)
             state = jax.block_until_ready(decode_loop(*args, spec=spec))
             elapsed = (time.perf_counter() - begin) / rounds
             if scheduler.get("forced") == len(spec.widths) - 1:  # every draft of every round verified

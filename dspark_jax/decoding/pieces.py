@@ -136,12 +136,12 @@ def _count(repeat: int) -> jax.Array:
 def draft_backbone(draft, state: DecodeState, repeat: int = 0):
     """Context push + block forward. draft: a DraftHandle. Returns (hidden [batch, block, hidden] after the final
     norm, the draft cache with the pending rows appended)."""
-    return _draft_backbone(draft.graphdef, draft.state, state, _count(repeat))
+    return _draft_backbone(*draft.decode_parts(), state, _count(repeat))
 
 
 def draft_head(draft, state: DecodeState, hidden: jax.Array, repeat: int = 0) -> Proposal:
     """Sequential head + drafting over `hidden` (from draft_backbone) with the round's keys and per-row sampling."""
-    return _draft_head(draft.graphdef, draft.state, state, hidden, _count(repeat))
+    return _draft_head(*draft.decode_parts(), state, hidden, _count(repeat))
 
 
 def verify_pass(target, state: DecodeState, drafts: jax.Array | None, spec: loop.LoopSpec, repeat: int = 0):
@@ -149,7 +149,7 @@ def verify_pass(target, state: DecodeState, drafts: jax.Array | None, spec: loop
 
     Returns (logits f32[batch, 1 + block, vocab], taps or None, the target cache with the block's rows written).
     """
-    return _verify_pass(target.graphdef, target.state, state, drafts, _count(repeat), tap_layer_ids=spec.tap_layer_ids)
+    return _verify_pass(*target.decode_parts(), state, drafts, _count(repeat), tap_layer_ids=spec.tap_layer_ids)
 
 
 def accept_commit(

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.cache import write_layer
+from dspark_jax.layers.linear import dense, out_major
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import declare
 from dspark_jax.layers.rope import apply_rope, rope_frequencies
@@ -152,6 +153,8 @@ def cached_context(k_all: jax.Array, v_all: jax.Array, layer: int, limits: jax.A
 class Attention(nnx.Module):
     """Qwen3 self-attention: q/k/v projections per head, q/k RMSNorm per head before RoPE, no biases."""
 
+    out_major = False  # True once the kernels are stored [out, in] (the CPU decode copy, layers/linear.py)
+
     def __init__(
         self,
         hidden: int,
@@ -181,24 +184,36 @@ class Attention(nnx.Module):
     def inv_freq(self) -> jax.Array:
         return rope_frequencies(self.head_dim, *self.rope)
 
+    def to_out_major(self) -> None:
+        """Store the kernels out-major ([heads * head_dim, hidden], o: [hidden, heads * head_dim]), in place (for a
+        decode copy: sharding and export expect the declared form). The per-head shapes stay in `head_dim`."""
+        for p in (self.q_proj, self.k_proj, self.v_proj):
+            p.value = out_major(p[...], 1)
+        self.o_proj.value = out_major(self.o_proj[...], 2)
+        self.out_major = True
+
+    def _project(self, x: jax.Array, w) -> jax.Array:
+        """x: [batch, t, hidden] through a q/k/v kernel -> [batch, t, heads, head_dim]."""
+        w = w[...].astype(self.dtype)
+        w = w if self.out_major else w.reshape(w.shape[0], -1)
+        return dense(x.astype(self.dtype), w, self.out_major).reshape(*x.shape[:2], -1, self.head_dim)
+
     def queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """x: [batch, t, hidden], positions i32[batch, t] -> roped q [batch, t, q_heads, head_dim]."""
-        q = jnp.einsum("btd,dnh->btnh", x.astype(self.dtype), self.q_proj[...].astype(self.dtype))
-        return apply_rope(self.q_norm(q), positions, self.inv_freq)
+        return apply_rope(self.q_norm(self._project(x, self.q_proj)), positions, self.inv_freq)
 
     def keys_values(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [batch, t, hidden] -> roped, normed k and v, each [batch, t, kv_heads, head_dim]."""
-        x = x.astype(self.dtype)
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(self.dtype))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(self.dtype))
+        k, v = self._project(x, self.k_proj), self._project(x, self.v_proj)
         return apply_rope(self.k_norm(k), positions, self.inv_freq), v
 
     def output(self, a: jax.Array) -> jax.Array:
         """a: [batch, t, q_heads, head_dim] -> [batch, t, hidden]."""
         # One flat [t, n*h] x [n*h, d] dot: with the 3-D einsum XLA:CPU re-laid out (copied) the weight every step.
         b, t, n, h = a.shape
-        w = self.o_proj[...].astype(self.dtype).reshape(n * h, -1)
-        return jnp.dot(a.reshape(b, t, n * h), w)
+        w = self.o_proj[...].astype(self.dtype)
+        w = w if self.out_major else w.reshape(n * h, -1)
+        return dense(a.reshape(b, t, n * h), w, self.out_major)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv: tuple | None = None, layer: int = 0, mask: jax.Array | None = None

@@ -6,19 +6,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.layers.linear import dense, out_major
 from dspark_jax.layers.params import declare
 
 
 class MLP(nnx.Module):
+    out_major = False  # True once the kernels are stored [out, in] (the CPU decode copy, layers/linear.py)
+
     def __init__(self, hidden: int, ffw: int, *, dtype: str, param_dtype: str, rngs: nnx.Rngs | None):
         self.dtype = dtype
         self.gate_proj = declare(rngs, (hidden, ffw), ("embed", "ffw"), param_dtype)
         self.up_proj = declare(rngs, (hidden, ffw), ("embed", "ffw"), param_dtype)
         self.down_proj = declare(rngs, (ffw, hidden), ("ffw", "embed"), param_dtype)
 
+    def to_out_major(self) -> None:
+        """Store the kernels out-major, in place (for a decode copy: sharding and export expect the declared form)."""
+        for p in (self.gate_proj, self.up_proj, self.down_proj):
+            p.value = out_major(p[...], 1)
+        self.out_major = True
+
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
         x = x.astype(self.dtype)
-        gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(self.dtype))
-        up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(self.dtype))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype))
+        gate = dense(x, self.gate_proj[...].astype(self.dtype), self.out_major)
+        up = dense(x, self.up_proj[...].astype(self.dtype), self.out_major)
+        return dense(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype), self.out_major)

@@ -9,6 +9,7 @@ from flax import nnx
 from dspark_jax.cache import KVCache
 from dspark_jax.configs import Qwen3Config
 from dspark_jax.layers.attention import Attention
+from dspark_jax.layers.linear import dense
 from dspark_jax.layers.mlp import MLP
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import declare
@@ -60,12 +61,10 @@ class Qwen3(nnx.Module):
         c = self.config
         x = hidden.astype(c.dtype)
         if c.tie_word_embeddings:
-            # Contract the embedding's own last axis, no `.T`: inside nested decode loops XLA:CPU otherwise copies
-            # a transposed [hidden, vocab] table every round (the scheduler's inner loops did, ~8 MB a round).
-            w = self.embed_tokens[...].astype(c.dtype)
-            return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
-        w = self.lm_head[...].astype(c.dtype)
-        return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+            # The embedding is the head, out-major as it stands: no `.T` (inside nested decode loops XLA:CPU copied a
+            # transposed [hidden, vocab] table every round, ~8 MB a round in the scheduler's inner loops).
+            return dense(x, self.embed_tokens[...].astype(c.dtype), True, preferred_element_type=jnp.float32)
+        return dense(x, self.lm_head[...].astype(c.dtype), False, preferred_element_type=jnp.float32)
 
     def __call__(
         self,

@@ -1,0 +1,66 @@
+"""The out-major CPU decode layout (layers/linear.py): same numbers as the declared layout, a copy that leaves the
+loaded model alone, and none under a mesh."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from flax import nnx
+
+import dspark_jax as dj
+from dspark_jax.generate import ASSETS
+from dspark_jax.layers.linear import ROW_PRODUCT_ROWS, dense, out_major
+from dspark_jax.loading import _decode_copy
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 32, 33, 64])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_layouts_agree(rows, dtype):
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((1, rows, 96)), dtype)
+    w = jnp.asarray(rng.standard_normal((96, 40)) * 0.1, dtype)
+    want = np.asarray(dense(x, w, False, preferred_element_type=jnp.float32))
+    got = dense(x, out_major(w, 1), True, preferred_element_type=jnp.float32)
+    assert got.shape == (1, rows, 40) and got.dtype == jnp.float32
+    assert rel_err(np.asarray(got), want) <= (1e-6 if dtype == "float32" else 1e-2)
+    assert dense(x, out_major(w, 1), True).dtype == x.dtype  # result in x's dtype by default
+
+
+def test_row_product_is_its_own_computation():
+    """On CPU, 2-32 rows compile to a conditional (the fusion boundary); one row and many rows to a plain dot."""
+    w = jnp.ones((40, 96), jnp.float32)
+    for rows, isolated in [(1, False), (ROW_PRODUCT_ROWS[0], True), (ROW_PRODUCT_ROWS[1], True), (64, False)]:
+        hlo = jax.jit(lambda x: dense(x, w, True)).lower(jnp.ones((rows, 96), jnp.float32)).as_text()
+        assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == (isolated and jax.default_backend() == "cpu")
+
+
+@pytest.mark.skipif(not os.path.isdir(ASSETS), reason="embedded pair not built")
+def test_decode_copy_matches_the_loaded_model():
+    target = dj.load_target(os.path.join(ASSETS, "target"), dtype="float32")
+    draft = dj.load_draft(os.path.join(ASSETS, "dspark"), target=target)
+    before = np.asarray(target.state["layers"][0]["mlp"]["gate_proj"][...]).copy()
+    graphdef, state = target.decode_parts()
+    assert target.decode_parts()[1] is state  # made once
+    if jax.default_backend() == "cpu":
+        assert state["layers"][0]["mlp"]["gate_proj"][...].shape == before.shape[::-1]
+        assert state["layers"][0]["self_attn"]["o_proj"][...].shape == (512, 512)
+        assert draft.decode_parts()[1]["lm_head"][...].shape == (4096, 512)
+    np.testing.assert_array_equal(np.asarray(target.state["layers"][0]["mlp"]["gate_proj"][...]), before)
+    tokens = jnp.asarray([[5, 17, 301, 9, 44, 1020, 7, 3]], jnp.int32)
+    positions = jnp.arange(8, dtype=jnp.int32)[None]
+    for rows in (1, 8):
+        want, want_taps, _ = target.module()(tokens[:, :rows], positions[:, :rows], tap_layer_ids=(1, 3))
+        got, got_taps, _ = nnx.merge(graphdef, state)(tokens[:, :rows], positions[:, :rows], tap_layer_ids=(1, 3))
+        assert rel_err(np.asarray(got), np.asarray(want)) <= 1e-5
+        assert rel_err(np.asarray(got_taps), np.asarray(want_taps)) <= 1e-5
+        logits = nnx.merge(graphdef, state).logits(got)  # the tied head: the embedding, out-major as declared
+        assert rel_err(np.asarray(logits), np.asarray(target.module().logits(want))) <= 1e-5
+
+
+def test_no_copy_under_a_mesh():
+    target_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    graphdef, state = object(), object()
+    assert _decode_copy(graphdef, state, target_mesh) == (graphdef, state)
