@@ -12,7 +12,7 @@ from flax import nnx
 
 import dspark_jax as dj
 from dspark_jax.generate import ASSETS
-from dspark_jax.layers.linear import ROW_PRODUCT_ROWS, dense, out_major
+from dspark_jax.layers.linear import ROW_PRODUCT_MIN_BYTES, ROW_PRODUCT_ROWS, dense, out_major
 from dspark_jax.loading import _decode_copy
 
 
@@ -21,20 +21,23 @@ from dspark_jax.loading import _decode_copy
 def test_dense_layouts_agree(rows, dtype):
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.standard_normal((1, rows, 96)), dtype)
-    w = jnp.asarray(rng.standard_normal((96, 40)) * 0.1, dtype)
+    w = jnp.asarray(rng.standard_normal((96, 1400)) * 0.1, dtype)  # > ROW_PRODUCT_MIN_BYTES in bf16 too
     want = np.asarray(dense(x, w, False, preferred_element_type=jnp.float32))
     got = dense(x, out_major(w, 1), True, preferred_element_type=jnp.float32)
-    assert got.shape == (1, rows, 40) and got.dtype == jnp.float32
+    assert got.shape == (1, rows, 1400) and got.dtype == jnp.float32
     assert rel_err(np.asarray(got), want) <= (1e-6 if dtype == "float32" else 1e-2)
     assert dense(x, out_major(w, 1), True).dtype == x.dtype  # result in x's dtype by default
 
 
 def test_row_product_is_its_own_computation():
-    """On CPU, 2-32 rows compile to a conditional (the fusion boundary); one row and many rows to a plain dot."""
-    w = jnp.ones((40, 96), jnp.float32)
+    """On CPU, 2-32 rows times a kernel too large for cache compile to a conditional (the fusion boundary); one row,
+    many rows and small kernels to a plain dot."""
+    w = jnp.ones((-(-ROW_PRODUCT_MIN_BYTES // (4 * 96)), 96), jnp.float32)
     for rows, isolated in [(1, False), (ROW_PRODUCT_ROWS[0], True), (ROW_PRODUCT_ROWS[1], True), (64, False)]:
         hlo = jax.jit(lambda x: dense(x, w, True)).lower(jnp.ones((rows, 96), jnp.float32)).as_text()
         assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == (isolated and jax.default_backend() == "cpu")
+    small = jax.jit(lambda x: dense(x, w[:8], True)).lower(jnp.ones((8, 96), jnp.float32)).as_text()
+    assert "stablehlo.case" not in small and "stablehlo.if" not in small
 
 
 @pytest.mark.skipif(not os.path.isdir(ASSETS), reason="embedded pair not built")

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 
 ROW_PRODUCT_ROWS = (2, 32)  # CPU row counts that take the isolated multiply-reduce (measured above)
+# ... for kernels of at least this many bytes: smaller ones stay in cache, where the dot is fast, and each isolated
+# product is a conditional more to compile (the test suite's tiny models would pay that for nothing).
+ROW_PRODUCT_MIN_BYTES = 256 * 1024
 
 
 def _row_product(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -31,14 +34,15 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
     """x [..., k] times a 2-D kernel: w [k, n] (in-major) or [n, k] (out_major) -> [..., n].
 
     The result has `preferred_element_type` (default x's dtype). In-major is a plain einsum. Out-major on CPU with
-    2-32 rows (the product of x's leading dims) is the isolated multiply-reduce described above, in f32; otherwise an
-    einsum over w's minor axis.
+    2-32 rows (the product of x's leading dims) and a kernel of at least ROW_PRODUCT_MIN_BYTES is the isolated
+    multiply-reduce described above, in f32; otherwise an einsum over w's minor axis.
     """
     out_dtype = preferred_element_type or x.dtype
     if not out_major:
         return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=preferred_element_type)
     rows = math.prod(x.shape[:-1])
-    if jax.default_backend() != "cpu" or not ROW_PRODUCT_ROWS[0] <= rows <= ROW_PRODUCT_ROWS[1]:
+    isolate = ROW_PRODUCT_ROWS[0] <= rows <= ROW_PRODUCT_ROWS[1] and w.size * w.dtype.itemsize >= ROW_PRODUCT_MIN_BYTES
+    if jax.default_backend() != "cpu" or not isolate:
         return jnp.einsum("...k,nk->...n", x, w, preferred_element_type=preferred_element_type)
     x2 = x.reshape(rows, x.shape[-1])
     # Both branches are the same product: the predicate only has to be data (never folded), its value is irrelevant.
