@@ -53,15 +53,16 @@ def _forward(graphdef, state, tokens, tap_layer_ids):
 
 def _decode_copy(graphdef: nnx.GraphDef, state: nnx.State, mesh) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) for the decode loop. On CPU without a mesh: a copy whose Qwen3-style MLP and attention
-    kernels (and a DSpark draft's fc and LM head) are out-major, the layout in which XLA:CPU multiplies a verify
-    pass's few rows at the weights' streaming bandwidth (layers/linear.py: 2-3x faster at 8 rows); it holds those
-    kernels a second time. Elsewhere (and for other layers: Gemma4's, the MoE experts) the model as loaded."""
+    kernels, LM head (and a DSpark draft's fc and LM head) are out-major, the layout in which XLA:CPU multiplies a
+    verify pass's few rows at the weights' streaming bandwidth (layers/linear.py: 2-3x faster at 8 rows), and in
+    bf16 where that is exact (`compact`: a bf16 checkpoint run in f32); it holds those kernels a second time.
+    Elsewhere (and for other layers: Gemma4's, the MoE experts) the model as loaded."""
     if mesh is not None or jax.default_backend() != "cpu":
         return graphdef, state
     model = nnx.merge(graphdef, state, copy=True)  # new Variables: the loaded state keeps its kernels
     changed = False
     for _, m in nnx.iter_modules(model):
-        if type(m) in (MLP, Attention, Draft):  # exactly these: subclasses read kernels in their own methods
+        if type(m) in (MLP, Attention, Draft, Qwen3):  # exactly these: subclasses read kernels in their own methods
             m.to_out_major()
             changed = True
     return nnx.split(model) if changed else (graphdef, state)

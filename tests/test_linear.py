@@ -12,7 +12,7 @@ from flax import nnx
 
 import dspark_jax as dj
 from dspark_jax.generate import ASSETS
-from dspark_jax.layers.linear import ROW_PRODUCT_MIN_BYTES, ROW_PRODUCT_ROWS, dense, out_major
+from dspark_jax.layers.linear import ROW_PRODUCT_MIN_SIZE, ROW_PRODUCT_ROWS, compact, dense, out_major
 from dspark_jax.loading import _decode_copy
 
 
@@ -21,7 +21,7 @@ from dspark_jax.loading import _decode_copy
 def test_dense_layouts_agree(rows, dtype):
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.standard_normal((1, rows, 96)), dtype)
-    w = jnp.asarray(rng.standard_normal((96, 1400)) * 0.1, dtype)  # > ROW_PRODUCT_MIN_BYTES in bf16 too
+    w = jnp.asarray(rng.standard_normal((96, 1400)) * 0.1, dtype)  # > ROW_PRODUCT_MIN_SIZE
     want = np.asarray(dense(x, w, False, preferred_element_type=jnp.float32))
     got = dense(x, out_major(w, 1), True, preferred_element_type=jnp.float32)
     assert got.shape == (1, rows, 1400) and got.dtype == jnp.float32
@@ -29,13 +29,37 @@ def test_dense_layouts_agree(rows, dtype):
     assert dense(x, out_major(w, 1), True).dtype == x.dtype  # result in x's dtype by default
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 33])
+def test_compact_kernel_gives_the_same_products(rows):
+    """A bf16-exact f32 kernel is stored in bf16 by `compact` and multiplied in f32: the f32 kernel's numbers."""
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((256, 512)) * 0.1, jnp.bfloat16).astype(jnp.float32)  # a bf16 checkpoint
+    packed = compact(out_major(w, 1))
+    assert packed.dtype == jnp.bfloat16
+    got = dense(x, packed, True)
+    assert got.dtype == jnp.float32
+    assert rel_err(np.asarray(got), np.asarray(x @ w)) <= 1e-6
+
+
+def test_compact_keeps_what_bf16_cannot_hold():
+    w = jnp.asarray([[1.0, 1.0 + 2.0**-12]], jnp.float32)
+    assert compact(w).dtype == jnp.float32
+    assert compact(w.astype(jnp.bfloat16)).dtype == jnp.bfloat16  # already narrow: as it is
+    assert compact(jnp.asarray([[1.0, jnp.nan]], jnp.float32)).dtype == jnp.float32  # NaN != NaN: kept
+
+
 def test_row_product_is_its_own_computation():
-    """On CPU, 2-32 rows times a kernel too large for cache compile to a conditional (the fusion boundary); one row,
-    many rows and small kernels to a plain dot."""
-    w = jnp.ones((-(-ROW_PRODUCT_MIN_BYTES // (4 * 96)), 96), jnp.float32)
-    for rows, isolated in [(1, False), (ROW_PRODUCT_ROWS[0], True), (ROW_PRODUCT_ROWS[1], True), (64, False)]:
-        hlo = jax.jit(lambda x: dense(x, w, True)).lower(jnp.ones((rows, 96), jnp.float32)).as_text()
-        assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == (isolated and jax.default_backend() == "cpu")
+    """On CPU, 2-32 rows times a kernel too large for cache compile to a conditional (the fusion boundary), and one
+    row too for a compact (bf16) kernel under f32 activations; an f32 kernel's one row, many rows and small kernels
+    a plain dot."""
+    w = jnp.ones((-(-ROW_PRODUCT_MIN_SIZE // 96), 96), jnp.float32)
+    cases = [(1, False), (ROW_PRODUCT_ROWS[0], True), (ROW_PRODUCT_ROWS[1], True), (64, False)]
+    for kernel, one_row in [(w, False), (w.astype(jnp.bfloat16), True)]:
+        for rows, isolated in [(1, one_row)] + cases[1:]:
+            hlo = jax.jit(lambda x: dense(x, kernel, True)).lower(jnp.ones((rows, 96), jnp.float32)).as_text()
+            want = isolated and jax.default_backend() == "cpu"
+            assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == want, (kernel.dtype, rows)
     small = jax.jit(lambda x: dense(x, w[:8], True)).lower(jnp.ones((8, 96), jnp.float32)).as_text()
     assert "stablehlo.case" not in small and "stablehlo.if" not in small
 
@@ -49,6 +73,9 @@ def test_decode_copy_matches_the_loaded_model():
     assert target.decode_parts()[1] is state  # made once
     if jax.default_backend() == "cpu":
         assert state["layers"][0]["mlp"]["gate_proj"][...].shape == before.shape[::-1]
+        # The pair's checkpoint is bf16: its f32 kernels (and tied head) are stored compact, the same numbers.
+        assert state["layers"][0]["mlp"]["gate_proj"][...].dtype == jnp.bfloat16
+        assert state["embed_tokens"][...].dtype == jnp.bfloat16
         assert state["layers"][0]["self_attn"]["o_proj"][...].shape == (512, 512)
         assert draft.decode_parts()[1]["lm_head"][...].shape == (4096, 512)
     np.testing.assert_array_equal(np.asarray(target.state["layers"][0]["mlp"]["gate_proj"][...]), before)

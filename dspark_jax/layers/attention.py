@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.cache import write_layer
-from dspark_jax.layers.linear import dense, out_major
+from dspark_jax.layers.linear import compact, dense, out_major
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import declare
 from dspark_jax.layers.rope import apply_rope, rope_frequencies
@@ -188,13 +188,13 @@ class Attention(nnx.Module):
         """Store the kernels out-major ([heads * head_dim, hidden], o: [hidden, heads * head_dim]), in place (for a
         decode copy: sharding and export expect the declared form). The per-head shapes stay in `head_dim`."""
         for p in (self.q_proj, self.k_proj, self.v_proj):
-            p.value = out_major(p[...], 1)
-        self.o_proj.value = out_major(self.o_proj[...], 2)
+            p.value = compact(out_major(p[...], 1))
+        self.o_proj.value = compact(out_major(self.o_proj[...], 2))
         self.out_major = True
 
     def _project(self, x: jax.Array, w) -> jax.Array:
         """x: [batch, t, hidden] through a q/k/v kernel -> [batch, t, heads, head_dim]."""
-        w = w[...].astype(self.dtype)
+        w = w[...]
         w = w if self.out_major else w.reshape(w.shape[0], -1)
         return dense(x.astype(self.dtype), w, self.out_major).reshape(*x.shape[:2], -1, self.head_dim)
 
@@ -211,9 +211,9 @@ class Attention(nnx.Module):
         """a: [batch, t, q_heads, head_dim] -> [batch, t, hidden]."""
         # One flat [t, n*h] x [n*h, d] dot: with the 3-D einsum XLA:CPU re-laid out (copied) the weight every step.
         b, t, n, h = a.shape
-        w = self.o_proj[...].astype(self.dtype)
+        w = self.o_proj[...]
         w = w if self.out_major else w.reshape(n * h, -1)
-        return dense(a.reshape(b, t, n * h), w, self.out_major)
+        return dense(a.reshape(b, t, n * h).astype(self.dtype), w, self.out_major)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv: tuple | None = None, layer: int = 0, mask: jax.Array | None = None

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.layers.linear import dense, out_major
+from dspark_jax.layers.linear import compact, dense, out_major
 from dspark_jax.layers.params import declare
 
 
@@ -22,12 +22,12 @@ class MLP(nnx.Module):
     def to_out_major(self) -> None:
         """Store the kernels out-major, in place (for a decode copy: sharding and export expect the declared form)."""
         for p in (self.gate_proj, self.up_proj, self.down_proj):
-            p.value = out_major(p[...], 1)
+            p.value = compact(out_major(p[...], 1))
         self.out_major = True
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
         x = x.astype(self.dtype)
-        gate = dense(x, self.gate_proj[...].astype(self.dtype), self.out_major)
-        up = dense(x, self.up_proj[...].astype(self.dtype), self.out_major)
-        return dense(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype), self.out_major)
+        gate = dense(x, self.gate_proj[...], self.out_major)
+        up = dense(x, self.up_proj[...], self.out_major)
+        return dense(jax.nn.silu(gate) * up, self.down_proj[...], self.out_major)

@@ -13,7 +13,7 @@ from flax import nnx
 from dspark_jax.cache import KVCache, write_layer
 from dspark_jax.configs import DraftConfig
 from dspark_jax.layers.attention import cached_context, dense_context
-from dspark_jax.layers.linear import dense, out_major
+from dspark_jax.layers.linear import compact, dense, out_major
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import Frozen, declare
 from dspark_jax.models.gemma4 import Gemma4DecoderLayer, Gemma4RMSNorm, embed_scale, soft_cap
@@ -60,7 +60,7 @@ class Draft(nnx.Module):
     def to_out_major(self) -> None:
         """Store fc and lm_head out-major, in place (for a decode copy; the layers convert themselves)."""
         for p in (self.fc, self.lm_head):
-            p.value = out_major(p[...], 1)
+            p.value = compact(out_major(p[...], 1))
         self.out_major = True
 
     # ---------------------------------------------------------------------------------------------- context (§4.1)
@@ -68,7 +68,7 @@ class Draft(nnx.Module):
     def project_context(self, features: jax.Array) -> jax.Array:
         """features [batch, t, taps * hidden] (raw target layer outputs) -> c [batch, t, hidden]."""
         dtype = self.config.model.dtype
-        return self.hidden_norm(dense(features.astype(dtype), self.fc[...].astype(dtype), self.out_major))
+        return self.hidden_norm(dense(features.astype(dtype), self.fc[...], self.out_major))
 
     def context_kv(self, features: jax.Array, positions: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         """Per layer, roped keys and values of context rows: each [batch, t, kv_heads, head_dim]."""
@@ -145,7 +145,7 @@ class Draft(nnx.Module):
     def base_logits(self, hidden: jax.Array) -> jax.Array:
         """u_j = W_lm h_j (spec §4.6): [..., hidden] -> f32[..., vocab]."""
         dtype = self.config.model.dtype
-        w = self.lm_head[...].astype(dtype)
+        w = self.lm_head[...]
         logits = dense(hidden.astype(dtype), w, self.out_major, preferred_element_type=jnp.float32)
         return logits if self.config.gemma4 is None else soft_cap(logits, self.config.gemma4.final_logit_softcapping)
 

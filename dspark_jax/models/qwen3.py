@@ -9,7 +9,7 @@ from flax import nnx
 from dspark_jax.cache import KVCache
 from dspark_jax.configs import Qwen3Config
 from dspark_jax.layers.attention import Attention
-from dspark_jax.layers.linear import dense
+from dspark_jax.layers.linear import compact, dense, out_major
 from dspark_jax.layers.mlp import MLP
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import declare
@@ -44,6 +44,8 @@ class DecoderLayer(nnx.Module):
 class Qwen3(nnx.Module):
     """Qwen3ForCausalLM. Params: embed_tokens [vocab, hidden], layers, norm, lm_head [hidden, vocab] (untied)."""
 
+    out_major = False  # True once the head is stored [vocab, hidden] (the CPU decode copy, layers/linear.py)
+
     def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs | None):
         c = self.config = config
         self.embed_tokens = declare(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
@@ -51,6 +53,15 @@ class Qwen3(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         if not c.tie_word_embeddings:
             self.lm_head = declare(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype)
+
+    def to_out_major(self) -> None:
+        """Store the head out-major and `compact`, in place (for a decode copy; the layers convert themselves). A
+        tied head is the embedding, out-major already: compacting it also serves the lookups (exact either way)."""
+        if self.config.tie_word_embeddings:
+            self.embed_tokens.value = compact(self.embed_tokens[...])
+        else:
+            self.lm_head.value = compact(out_major(self.lm_head[...], 1))
+        self.out_major = True
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """i32[batch, t] -> [batch, t, hidden] in the compute dtype."""
@@ -63,8 +74,8 @@ class Qwen3(nnx.Module):
         if c.tie_word_embeddings:
             # The embedding is the head, out-major as it stands: no `.T` (inside nested decode loops XLA:CPU copied a
             # transposed [hidden, vocab] table every round, ~8 MB a round in the scheduler's inner loops).
-            return dense(x, self.embed_tokens[...].astype(c.dtype), True, preferred_element_type=jnp.float32)
-        return dense(x, self.lm_head[...].astype(c.dtype), False, preferred_element_type=jnp.float32)
+            return dense(x, self.embed_tokens[...], True, preferred_element_type=jnp.float32)
+        return dense(x, self.lm_head[...], self.out_major, preferred_element_type=jnp.float32)
 
     def __call__(
         self,
