@@ -520,7 +520,7 @@ def run(args, log=print, argv: list[str] | None = None, mesh=None) -> dict:
         if pair is None:
             return report
         target, draft = pair
-    weight_bytes = _state_bytes(target.state)
+    weight_bytes = _state_bytes(target.decode_parts()[1])  # what the loop streams (on CPU: the compact copy)
     report["config"]["target"] = {
         **dataclasses.asdict(target.config),
         "path": target.path,
@@ -535,7 +535,7 @@ def run(args, log=print, argv: list[str] | None = None, mesh=None) -> dict:
         "markov_head_type": dc.markov_head_type,
         "confidence_head": dc.enable_confidence_head,
         "target_layer_ids": list(dc.target_layer_ids),
-        "weight_bytes": _state_bytes(draft.state),
+        "weight_bytes": _state_bytes(draft.decode_parts()[1]),
     }
     copy_gb_s = (report.get("bandwidth") or {}).get("gb_per_s")
     peak_gb_s = next((v for k, v in PEAK_GB_PER_S.items() if k in machine["device_kind"]), None)
