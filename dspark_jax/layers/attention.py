@@ -213,7 +213,7 @@ class Attention(nnx.Module):
         b, t, n, h = a.shape
         w = self.o_proj[...]
         w = w if self.out_major else w.reshape(n * h, -1)
-        return dense(a.reshape(b, t, n * h).astype(self.dtype), w, self.out_major)
+        return dense(a.reshape(b, t, n * h), w, self.out_major)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv: tuple | None = None, layer: int = 0, mask: jax.Array | None = None
