@@ -167,6 +167,39 @@ def test_scheduler_gate_follows_measured_tokens(tiny, monkeypatch):
         assert drafted[0] == 0 and len(drafted) <= len(confidences) // 6, drafted
 
 
+@pytest.mark.parametrize("max_new, pushed", [(40, False), (100, True)])
+def test_shut_gate_pushes_context_only_for_a_probe(tiny, monkeypatch, max_new, pushed):
+    """A gate shut from the start (typical confidences of 0: no first round) probes after PRIOR_PROBE_EVERY rounds.
+    The draft's context (the prompt at prefill, the rows plain rounds collect) is computed only if that probe comes
+    before the batch is done: with 40 new tokens the draft cache stays empty, with 100 it is filled and the probe
+    drafts. The output is plain greedy either way."""
+    import jax
+
+    from dspark_jax.decoding.schedule import PRIOR_PROBE_EVERY
+
+    draft = random_draft(tiny, block_size=3, num_layers=1, markov_rank=8, confidence=True, seed=2)
+    # Not hopeless (a width-4 round of 3 s beats 4 plain rounds of 0.9 s), but no round pays on these confidences.
+    monkeypatch.setattr(
+        loop, "round_seconds_table", lambda t, d, prep: (1.0 + 0.5 * np.asarray(prep.spec.widths, np.float32), 0.9)
+    )
+    prompts = _prompts(np.random.default_rng(8), 2, lo=6)
+    prep = loop.prepare(tiny, draft, prompts, max_new_tokens=max_new, verify="scheduler")
+    state = prep.prefill(tiny, draft, prior=np.zeros(3, np.float32), gain=None)
+    assert not bool(state.scheduler.drafting) and int(state.scheduler.probe_every) == PRIOR_PROBE_EVERY
+    assert bool(np.any(np.asarray(state.draft_cache.k))) == pushed  # the prompt's context rows
+    args = (*tiny.decode_parts(), *draft.decode_parts(), state, prep.spec.max_rounds)
+    state = jax.block_until_ready(loop.decode_loop(*args, spec=prep.spec))
+    tokens = loop._outputs(prep, *jax.device_get((state.tokens, state.lengths)))
+    assert tokens == dj.generate(tiny, None, prompts, max_new_tokens=max_new).tokens
+    drafted = np.any(np.asarray(state.confidences)[: len(prompts)] != 0, axis=-1)  # plain rounds record zeros
+    assert drafted.any() == pushed  # the probe round
+    if pushed:  # the probe drafted against every position the plain rounds collected before it
+        first = int(np.argmax(drafted[0]))
+        assert first == PRIOR_PROBE_EVERY
+        k = np.asarray(state.draft_cache.k)[0, 0]  # [kv_heads, cache_len, head_dim] of row 0
+        assert np.all(np.any(k[:, : len(prompts[0]) + first] != 0, axis=(0, 2)))
+
+
 @pytest.mark.parametrize("verify", ["full", "scheduler"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_streaming_gives_the_same_tokens(tiny, verify, temperature):

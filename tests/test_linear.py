@@ -12,7 +12,14 @@ from flax import nnx
 
 import dspark_jax as dj
 from dspark_jax.generate import ASSETS
-from dspark_jax.layers.linear import ROW_PRODUCT_MIN_SIZE, ROW_PRODUCT_ROWS, compact, dense, out_major
+from dspark_jax.layers.linear import (
+    COMPACT_PRODUCT_ROWS,
+    ROW_PRODUCT_MIN_SIZE,
+    ROW_PRODUCT_ROWS,
+    compact,
+    dense,
+    out_major,
+)
 from dspark_jax.loading import _decode_copy
 
 
@@ -29,7 +36,7 @@ def test_dense_layouts_agree(rows, dtype):
     assert dense(x, out_major(w, 1), True).dtype == x.dtype  # result in x's dtype by default
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, 32, 33])
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 33, 128, 129])
 def test_compact_kernel_gives_the_same_products(rows):
     """A bf16-exact f32 kernel is stored in bf16 by `compact` and multiplied in f32: the f32 kernel's numbers."""
     rng = np.random.default_rng(rows)
@@ -50,15 +57,13 @@ def test_compact_keeps_what_bf16_cannot_hold():
 
 
 def test_row_product_is_its_own_computation():
-    """On CPU, 2-32 rows times a kernel too large for cache compile to a conditional (the fusion boundary), and one
-    row too for a compact (bf16) kernel under f32 activations; an f32 kernel's one row, many rows and small kernels
-    a plain dot."""
+    """On CPU, 2-32 rows times an f32 kernel too large for cache compile to a conditional (the fusion boundary), and
+    1-128 rows times a compact (bf16) kernel under f32 activations; other row counts and small kernels a plain dot."""
     w = jnp.ones((-(-ROW_PRODUCT_MIN_SIZE // 96), 96), jnp.float32)
-    cases = [(1, False), (ROW_PRODUCT_ROWS[0], True), (ROW_PRODUCT_ROWS[1], True), (64, False)]
-    for kernel, one_row in [(w, False), (w.astype(jnp.bfloat16), True)]:
-        for rows, isolated in [(1, one_row)] + cases[1:]:
+    for kernel, (low, high) in [(w, ROW_PRODUCT_ROWS), (w.astype(jnp.bfloat16), COMPACT_PRODUCT_ROWS)]:
+        for rows in sorted({1, low, high, high + 1}):
             hlo = jax.jit(lambda x: dense(x, kernel, True)).lower(jnp.ones((rows, 96), jnp.float32)).as_text()
-            want = isolated and jax.default_backend() == "cpu"
+            want = low <= rows <= high and jax.default_backend() == "cpu"
             assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == want, (kernel.dtype, rows)
     small = jax.jit(lambda x: dense(x, w[:8], True)).lower(jnp.ones((8, 96), jnp.float32)).as_text()
     assert "stablehlo.case" not in small and "stablehlo.if" not in small

@@ -118,7 +118,8 @@ def test_gate_runs_on_measured_tokens():
 
 def test_first_round_follows_the_measured_gain():
     """The first round drafts if the tokens per round of the slowest row in the cost table's timing run (`gain`)
-    beat plain decoding by GATE_MARGIN at the widest round's cost, or if the typical confidences forecast so."""
+    beat plain decoding by GATE_MARGIN at the widest round's cost, or if the typical confidences forecast so, unless
+    that gain dooms the round."""
     seconds, widths = [1.1, 1.2, 1.6], [1, 2, 4]
     on = SchedulerState.initial(np.ones(3), seconds, 1.0, 2, prior=[0.0, 0.0, 0.0], gain=1.7, widths=widths)
     assert bool(on.drafting) and np.allclose(on.gain, 1.7) and int(on.idle_rounds) == 0
@@ -126,6 +127,11 @@ def test_first_round_follows_the_measured_gain():
     assert not bool(off.drafting) and int(off.probe_every) == PRIOR_PROBE_EVERY  # 1.6 tokens in 1.6 s: no margin
     hopeful = SchedulerState.initial(np.ones(3), seconds, 1.0, 2, prior=[0.9, 0.9, 0.9], gain=1.6, widths=widths)
     assert bool(hopeful.drafting)  # the confidences promise 3.4 tokens in 1.6 s: one round tries it
+    # ... but not when the measured gain dooms it: after a round committing all 4 slots, the slowest row's mean
+    # (15/16 x 1.0 + 4/16 = 1.19 tokens in 1.6 s) is still below GATE_CLOSE x plain's 1 token/s, so the gate would
+    # close whatever the round commits.
+    doomed = SchedulerState.initial(np.ones(3), seconds, 1.0, 2, prior=[0.9, 0.9, 0.9], gain=1.0, widths=widths)
+    assert not bool(doomed.drafting) and int(doomed.probe_every) >= PRIOR_PROBE_EVERY
 
 
 def test_probe_interval_follows_the_waste():

@@ -29,6 +29,7 @@ def prefill_prompts(
     cache_len: int,
     tap_layer_ids: tuple[int, ...],
     chunk: int = PREFILL_CHUNK,
+    draft_needed: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache, KVCache | None]:
     """Run right-padded prompts through the target chunk by chunk, filling the target and draft caches.
 
@@ -36,6 +37,8 @@ def prefill_prompts(
       prompts: i32[batch, bucket] right-padded; prompt_lens: i32[batch], at least 1 for real rows.
       cache_len: slots of both caches; tap_layer_ids: the target layers whose outputs feed the draft (() without).
       chunk: static chunk size C; a bucket shorter than C is one chunk of the bucket's length.
+      draft_needed: bool[] or None (always): whether to fill the draft cache (the scheduler's gate may know that the
+        draft never runs for this batch; the draft cache is then left empty).
     Returns:
       last: [batch, hidden] final-normed target hidden at each row's position prompt_lens - 1 (zeros for a row
         with prompt_lens 0); the target cache and the draft cache (None without a draft) holding positions
@@ -57,7 +60,13 @@ def prefill_prompts(
         positions = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (bsz, c))
         hidden, taps, cache = target(tokens, positions, cache, tap_layer_ids)
         if draft is not None:
-            draft_cache = draft.push_context(draft_cache, taps, jnp.full((bsz,), start, jnp.int32))
+            starts = jnp.full((bsz,), start, jnp.int32)
+            if draft_needed is None:
+                draft_cache = draft.push_context(draft_cache, taps, starts)
+            else:
+                draft_cache = jax.lax.cond(
+                    draft_needed, lambda: draft.push_context(draft_cache, taps, starts), lambda: draft_cache
+                )
         offset = prompt_lens - 1 - start  # the row's last prompt position within this chunk, if it falls here
         here = (offset >= 0) & (offset < c)
         picked = hidden[rows, jnp.clip(offset, 0, c - 1)].astype(last.dtype)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dspark_jax.configs import VerifyPolicy
 
@@ -82,43 +84,17 @@ class SchedulerState:
         measured, or None; widths: the compiled target-pass widths (default 1, 2, ... one per width_seconds entry).
 
         drafting=False shuts the draft off for good. Otherwise the first round drafts if a round planned on `prior`
-        or a widest round at the measured `gain` beats plain decoding by GATE_MARGIN; if not, the gate starts shut
+        or a widest round at the measured `gain` beats plain decoding by GATE_MARGIN, unless the measured `gain`
+        already dooms it (the gate would close after it whatever it commits); if not, the gate starts shut
         and the first probe waits a probe interval of at least PRIOR_PROBE_EVERY rounds (a batch where
         drafting does not pay then runs as plain decoding from the first round).
         """
-        slots = len(temperatures)
-        width_seconds = jnp.asarray(width_seconds, jnp.float32)
-        widths = jnp.arange(1, len(width_seconds) + 1) if widths is None else widths
-        widths = jnp.asarray(widths, jnp.int32)
-        prior = jnp.ones((slots,), jnp.float32) if prior is None else jnp.asarray(prior, jnp.float32)
-        state = cls(
-            jnp.asarray(temperatures, jnp.float32),
-            width_seconds,
-            jnp.float32(plain_seconds),
-            jnp.broadcast_to(prior, (batch, slots)),
-            jnp.bool_(True),
-            jnp.int32(1),  # the first round is judged like a probe (`after_round`); reset below
-            jnp.int32(PROBE_EVERY // 2),
-            jnp.int32(forced),
-            jnp.full((batch,), gain or 0, jnp.float32),
-        )
-        # Drafts that are always accepted give w tokens per row at width w: if no width beats plain decoding so,
-        # no drafting round can ever pay, and the draft stays off (the cost-table runs force it on).
-        hopeless = ~jnp.any(width_seconds < state.plain_seconds * widths.astype(jnp.float32))
-        if not drafting or (forced < 0 and bool(hopeless)):
-            return dataclasses.replace(
-                state, drafting=jnp.bool_(False), idle_rounds=jnp.int32(0), probe_every=jnp.int32(NEVER)
-            )
-        # Per row (every row has the same prior), so the live-row count cancels: one row stands for the batch. A
-        # first drafting round that does not pay costs one round: after it the measured tokens decide (`observed`).
-        planned, theta = plan_width(prior[None], jnp.ones((1,), bool), widths, width_seconds)
-        seconds = width_seconds[planned]
-        if gain:
-            theta = jnp.maximum(theta, jnp.float32(gain) / width_seconds[-1])
-            seconds = width_seconds[-1]
-        opened = state.after_round(theta, jnp.int32(1), seconds)
-        probe_every = jnp.where(opened.drafting, opened.probe_every, jnp.maximum(opened.probe_every, PRIOR_PROBE_EVERY))
-        return dataclasses.replace(opened, idle_rounds=jnp.int32(0), probe_every=probe_every)
+        widths = np.arange(1, len(width_seconds) + 1) if widths is None else widths
+        prior = np.ones((len(temperatures),), np.float32) if prior is None else prior
+        args = (temperatures, width_seconds, plain_seconds, prior, gain or 0)
+        args = tuple(jnp.asarray(a, jnp.float32) for a in args) + (jnp.asarray(widths, jnp.int32),)
+        # One compiled call: as eager operations this took ~7 ms, paid by every request before its first round.
+        return _initial(*args, batch=batch, drafting=bool(drafting), forced=int(forced), measured=bool(gain))
 
     def observed(self, committed: jax.Array, live: jax.Array, seconds: jax.Array) -> tuple["SchedulerState", jax.Array]:
         """After a drafting round that took `seconds` (its width's table entry) and committed i32[batch] tokens in
@@ -166,6 +142,48 @@ class SchedulerState:
         idle = jnp.where(self.drafting, 0, self.idle_rounds + 1)
         drafting = jnp.where(self.drafting, beats_plain, idle >= probe_every) | (self.forced >= 0)
         return dataclasses.replace(self, drafting=drafting, idle_rounds=idle, probe_every=probe_every)
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "drafting", "forced", "measured"))
+def _initial(temperatures, width_seconds, plain_seconds, prior, gain, widths, *, batch, drafting, forced, measured):
+    """SchedulerState.initial's state (its arguments as arrays; `measured`: whether `gain` was measured)."""
+    slots = temperatures.shape[0]
+    state = SchedulerState(
+        temperatures,
+        width_seconds,
+        plain_seconds,
+        jnp.broadcast_to(prior, (batch, slots)),
+        jnp.bool_(True),
+        jnp.int32(1),  # the first round is judged like a probe (`after_round`); reset below
+        jnp.int32(PROBE_EVERY // 2),
+        jnp.int32(forced),
+        jnp.full((batch,), gain, jnp.float32),
+    )
+    off = dataclasses.replace(state, drafting=jnp.bool_(False), idle_rounds=jnp.int32(0), probe_every=jnp.int32(NEVER))
+    if not drafting:
+        return off
+    # Per row (every row has the same prior), so the live-row count cancels: one row stands for the batch. A
+    # first drafting round that does not pay costs one round: after it the measured tokens decide (`observed`).
+    planned, theta = plan_width(prior[None], jnp.ones((1,), bool), widths, width_seconds)
+    seconds = width_seconds[planned]
+    if measured:
+        # `observed` judges the first round on this gain mixed with the round's own tokens at GAIN_WEIGHT: if even
+        # a round committing all its `widths[planned]` slots leaves that mix below the bar the gate closes on, the
+        # round is a certain waste (a batch at b4-16 on a CPU, where one round costs 3-7 plain ones): judge it by
+        # that ceiling instead, so the gate starts shut.
+        ceiling = ((1 - GAIN_WEIGHT) * gain + GAIN_WEIGHT * widths[planned].astype(jnp.float32)) / seconds
+        doomed = ceiling <= GATE_CLOSE / plain_seconds
+        theta = jnp.where(doomed, ceiling, jnp.maximum(theta, gain / width_seconds[-1]))
+        seconds = jnp.where(doomed, seconds, width_seconds[-1])
+    opened = state.after_round(theta, jnp.int32(1), seconds)
+    probe_every = jnp.where(opened.drafting, opened.probe_every, jnp.maximum(opened.probe_every, PRIOR_PROBE_EVERY))
+    opened = dataclasses.replace(opened, idle_rounds=jnp.int32(0), probe_every=probe_every)
+    if forced >= 0:  # the cost table's timing runs draft whatever the table says
+        return opened
+    # Drafts that are always accepted give w tokens per row at width w: if no width beats plain decoding so, no
+    # drafting round can ever pay, and the draft stays off.
+    hopeless = ~jnp.any(width_seconds < plain_seconds * widths.astype(jnp.float32))
+    return jax.tree.map(lambda a, b: jnp.where(hopeless, a, b), off, opened)
 
 
 def policy_threshold(policy: VerifyPolicy) -> float:

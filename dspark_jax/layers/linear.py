@@ -17,7 +17,11 @@ products' own sweep (20 kernels of [1536, 512], 63 MB as f32, same AVX2 machine)
 5.3 for the f32 dot (so one row of a compact kernel is isolated too), 8 rows 8.6 ms against 9.1 for the f32
 multiply-reduce, and the tied LM head's [8, 512] x [4096, 512] 6.0 against 8.5. A bf16 kernel wants the reduction
 in [out, rows, in] order from two rows on (in [rows, out, in] order 8 rows took 20 ms) and the [rows, out, in]
-order at one row (the other took 37 ms): `_column_product` and `_row_product`.
+order at one row (the other took 37 ms): `_column_product` and `_row_product`. Up to 128 rows (a batch-16
+verify pass) a compact kernel stays isolated: 20 such kernels took 15.7 / 31.3 ms at 64 / 128 rows against
+15.2 / 34.7 for the dot with the widening in it, but inside the decode loop a dot's widening of a loop-invariant
+kernel is hoisted out of the loop by XLA, so every call of the loop widened all 42 target kernels up front (~90 ms at
+batch 16, paid even when the scheduler never drafts). From 256 rows on the dot is faster (54 against 78 ms).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 ROW_PRODUCT_ROWS = (2, 32)  # CPU row counts that take the isolated multiply-reduce (measured above)
+COMPACT_PRODUCT_ROWS = (1, 128)  # ... for a compact kernel, which a dot would need widened first (above)
 # ... for kernels of at least this many elements (256 KiB in f32): smaller ones stay in cache, where the dot is fast,
 # and each isolated product is a conditional more to compile (the test suite's tiny models would pay for nothing).
 ROW_PRODUCT_MIN_SIZE = 64 * 1024
@@ -58,7 +63,7 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
 
     The result has `preferred_element_type` (default x's dtype); w may be narrower than x (a `compact` kernel) and
     is widened to x's dtype. In-major is a plain einsum. Out-major on CPU with 2-32 rows (the product of x's leading
-    dims; from one row for a compact kernel) and a kernel of at least ROW_PRODUCT_MIN_SIZE elements is the isolated
+    dims; 1-128 for a compact kernel) and a kernel of at least ROW_PRODUCT_MIN_SIZE elements is the isolated
     multiply-reduce described above, in f32; otherwise an einsum over w's minor axis.
     """
     out_dtype = preferred_element_type or x.dtype
@@ -66,8 +71,8 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
         return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
     rows = math.prod(x.shape[:-1])
     narrow = w.dtype.itemsize < x.dtype.itemsize  # a `compact` kernel under wider activations
-    low = 1 if narrow else ROW_PRODUCT_ROWS[0]
-    isolate = low <= rows <= ROW_PRODUCT_ROWS[1] and w.size >= ROW_PRODUCT_MIN_SIZE
+    low, high = COMPACT_PRODUCT_ROWS if narrow else ROW_PRODUCT_ROWS
+    isolate = low <= rows <= high and w.size >= ROW_PRODUCT_MIN_SIZE
     if jax.default_backend() != "cpu" or not isolate:
         return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
     x2 = x.reshape(rows, x.shape[-1])
