@@ -297,9 +297,9 @@ def _plain_next_token(state: DecodeState, logits: jax.Array, keys: jax.Array) ->
 def _may_draft_again(sched: SchedulerState, done: jax.Array, lengths: jax.Array, limits: jax.Array) -> jax.Array:
     """bool[]: whether the draft can run again before every row is done: the gate is open, or its next probe (the
     round after the one that brings `idle_rounds` to `probe_every`) comes within the rounds the live rows have left
-    (each round commits at least one token). When it cannot, the draft's
-    context is never read again, so the rows plain rounds collect are not pushed (a draft context pass over batch x
-    width rows: ~5 % of a plain round's work at batch 16 on a CPU) and prefill skips the prompt's."""
+    (each round commits at least one token). When it cannot, the draft's context is never read again, so the rows
+    plain rounds collect are not pushed (a draft context pass over batch x width rows: ~5 % of a plain round's work
+    at batch 16 on a CPU) and prefill skips the prompt's."""
     remaining = jnp.max(jnp.where(done, 0, limits - lengths + 1))
     return sched.drafting | (sched.probe_every - sched.idle_rounds < remaining)
 
