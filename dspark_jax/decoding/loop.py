@@ -589,14 +589,15 @@ class Prepared:
     plain_seconds: float | None = None  # a round without the draft, verify="scheduler" only
     prior: np.ndarray | None = None  # f32[block] the pair's typical prefix confidences (`typical_prior`), or None
     gain: float | None = None  # tokens per round of the slowest row in the table's widest timing run, or None
+    spread: float | None = None  # the variance of that row's tokens per round, or None
 
     def prefill(self, target, draft, **scheduler) -> DecodeState:
         """Run `prefill` for this batch (draft None: plain decoding). `scheduler`: keyword arguments of
-        SchedulerState.initial (by default the first round drafts iff the measured `gain` or a round planned on
-        `prior` pays)."""
+        SchedulerState.initial (by default the measured `gain` and `spread`, `prior`, the loop's widths)."""
         sched = None
         if self.spec.scheduler:
-            scheduler = {"prior": self.prior, "gain": self.gain, "widths": self.spec.widths, **scheduler}
+            measured = {"prior": self.prior, "gain": self.gain, "spread": self.spread, "widths": self.spec.widths}
+            scheduler = {**measured, **scheduler}
             sched = SchedulerState.initial(
                 self.temperatures, self.width_seconds, self.plain_seconds, len(self.prompt_lens), **scheduler
             )
@@ -729,8 +730,10 @@ def prepare(
     prep = dataclasses.replace(prep, temperatures=np.asarray(temperatures, np.float32))
     width_seconds, plain_seconds = round_seconds_table(target, draft, prep)
     prior = typical_prior(target, draft, prep)
-    gain = _TYPICAL_GAIN.get(_table_key(target, draft, prep))
-    return dataclasses.replace(prep, width_seconds=width_seconds, plain_seconds=plain_seconds, prior=prior, gain=gain)
+    gain, spread = _TYPICAL_GAIN.get(_table_key(target, draft, prep), (None, None))
+    return dataclasses.replace(
+        prep, width_seconds=width_seconds, plain_seconds=plain_seconds, prior=prior, gain=gain, spread=spread
+    )
 
 
 def generate(
@@ -821,7 +824,7 @@ def _outputs(prep: Prepared, tokens: np.ndarray, lengths: np.ndarray) -> list[li
 
 _ROUND_SECONDS: dict = {}
 _TYPICAL_CONFIDENCES: dict = {}  # same keys: f32[rounds, block] confidence logits of the table's widest timing run
-_TYPICAL_GAIN: dict = {}  # same keys: the smallest of the live rows' mean tokens per round in that run
+_TYPICAL_GAIN: dict = {}  # same keys: (mean, variance) of tokens per round of that run's slowest live row
 TIMED_ROUNDS = 16  # rounds per timed call of the loop when measuring the scheduler's costs
 
 
@@ -862,7 +865,8 @@ def round_seconds_table(target, draft, prep: Prepared, reps: int = 3) -> tuple[n
                 z = np.asarray(state.confidences)[live]
                 _TYPICAL_CONFIDENCES[key] = np.concatenate([z[i, : n[i]] for i in range(len(n))])
                 committed = np.asarray(state.acceptance)[live]
-                _TYPICAL_GAIN[key] = float(min(np.mean(committed[i, : n[i]]) for i in range(len(n))))
+                slowest = min((committed[i, : n[i]] for i in range(len(n))), key=np.mean)
+                _TYPICAL_GAIN[key] = float(np.mean(slowest)), float(np.var(slowest))
             return elapsed
 
         # Every setting once per pass, passes repeated: all settings see the same machine (a shared machine's load

@@ -31,10 +31,22 @@ NEVER = 1 << 30  # a probe interval no decode reaches: the draft stays off
 GATE_MARGIN = 1.05
 GATE_CLOSE = 0.9
 # Weight of the newest drafting round in each row's running mean of tokens committed (`SchedulerState.gain`): a
-# round commits anywhere from 1 to block + 1 tokens, so the mean must span many rounds before it decides. A probe
-# round (the first after a shut spell) weighs PROBE_GAIN_WEIGHT: the history it joins is stale.
+# round commits anywhere from 1 to block + 1 tokens, so the mean must span many rounds before it decides. The gain
+# the cost table measured (16 rounds of other prompts, or of this request's first ones) counts as GAIN_PRIOR_ROUNDS
+# of the request's own rounds: the request's n-th drafting round weighs max(GAIN_WEIGHT, 1 / (n + GAIN_PRIOR_ROUNDS)).
+# A probe round (the first after a shut spell) weighs PROBE_GAIN_WEIGHT: the history it joins is stale.
 GAIN_WEIGHT = 1 / 16
+GAIN_PRIOR_ROUNDS = 4
 PROBE_GAIN_WEIGHT = 1 / 2
+# The gate compares each row's running mean plus GAIN_OPTIMISM standard errors of that mean (from the row's running
+# variance of tokens a round, `SchedulerState.spread`) with plain decoding: it closes only once drafting loses
+# beyond the noise. A round's tokens are not stationary: on the embedded pair the first 16 rounds of an answer
+# commit 0.85x the answer's mean (lower on 29 of 31 prompts), and runs of whole-block rounds come later, so a gate
+# that closes on a noisy early dip misses them. Replayed on every start position of 31 prompts (benchmarks/
+# RESULTS.md, 2026-12-03 session 11), a gate with no optimism fell up to 0.5x behind `full` at batch 1 while one at
+# 2 standard errors stayed within 0.05x; where drafting loses clearly (a batch whose round costs 3-7 plain ones)
+# the mean is far below plain and the margin changes nothing.
+GAIN_OPTIMISM = 2.0
 
 
 @jax.tree_util.register_dataclass
@@ -52,7 +64,8 @@ class SchedulerState:
     probe_every: i32[] the current probe interval (NEVER: the draft stays off); forced: i32[] -1, or a width index
       every round must use with the draft on (how the cost table is measured); gain: f32[batch] each row's running
       mean of the tokens its drafting rounds committed (0 before the first), what drafting delivered as measured
-      rather than as the confidences predict (`observed`).
+      rather than as the confidences predict (`observed`); spread: f32[batch] each row's running variance of those
+      tokens; drafted: i32[] drafting rounds so far.
     """
 
     temperatures: jax.Array
@@ -64,6 +77,8 @@ class SchedulerState:
     probe_every: jax.Array
     forced: jax.Array
     gain: jax.Array
+    spread: jax.Array
+    drafted: jax.Array
 
     @classmethod
     def initial(
@@ -77,41 +92,57 @@ class SchedulerState:
         forced=-1,
         prior=None,
         gain=None,
+        spread=None,
         widths=None,
     ):
         """The state before the first round. prior: f32[slots] the pair's typical prefix confidences (default ones);
         gain: the tokens per round that the slowest row committed at the widest width when the cost table was
-        measured, or None; widths: the compiled target-pass widths (default 1, 2, ... one per width_seconds entry).
+        measured, or None; spread: the variance of that row's tokens a round (default: that of a uniform draw from
+        1 .. slots + 1); widths: the compiled target-pass widths (default 1, 2, ... one per width_seconds entry).
 
-        drafting=False shuts the draft off for good. Otherwise the first round drafts if a round planned on `prior`
-        or a widest round at the measured `gain` beats plain decoding by GATE_MARGIN, unless the measured `gain`
-        already dooms it (the gate would close after it whatever it commits); if not, the gate starts shut
-        and the first probe waits a probe interval of at least PRIOR_PROBE_EVERY rounds (a batch where
-        drafting does not pay then runs as plain decoding from the first round).
+        drafting=False shuts the draft off for good. Otherwise, with a measured `gain`, the first round drafts
+        unless that gain dooms it: even a round committing every slot it verifies would leave the slowest row's
+        running mean, GAIN_OPTIMISM standard errors included, below the bar the gate closes on. One round more
+        costs little where drafting is near break-even, and from there the request's own rounds decide. Without a
+        gain, it drafts if a round planned on `prior` beats plain decoding by GATE_MARGIN. A gate that starts shut
+        waits a probe interval of at least PRIOR_PROBE_EVERY rounds for its first probe (a batch where drafting
+        does not pay then runs as plain decoding from the first round).
         """
         widths = np.arange(1, len(width_seconds) + 1) if widths is None else widths
-        prior = np.ones((len(temperatures),), np.float32) if prior is None else prior
-        args = (temperatures, width_seconds, plain_seconds, prior, gain or 0)
+        slots = len(temperatures)
+        prior = np.ones((slots,), np.float32) if prior is None else prior
+        spread = ((slots + 1) ** 2 - 1) / 12 if spread is None else spread
+        args = (temperatures, width_seconds, plain_seconds, prior, gain or 0, spread)
         args = tuple(jnp.asarray(a, jnp.float32) for a in args) + (jnp.asarray(widths, jnp.int32),)
         # One compiled call: as eager operations this took ~7 ms, paid by every request before its first round.
         return _initial(*args, batch=batch, drafting=bool(drafting), forced=int(forced), measured=bool(gain))
 
     def observed(self, committed: jax.Array, live: jax.Array, seconds: jax.Array) -> tuple["SchedulerState", jax.Array]:
         """After a drafting round that took `seconds` (its width's table entry) and committed i32[batch] tokens in
-        the bool[batch] live rows: (the state with the live rows' `gain` updated (a row's first measurement sets
-        it, unless the cost table's timing run did), f32[] the throughput drafting delivers to these rows as the
-        batch decodes: rows x the smallest live gain / seconds). A batch runs until its slowest row is done, so the
-        slowest row's rate, not the mean, is what drafting rounds buy over plain ones (on the embedded pair at
-        batch 8 the mean row commits 3.9 tokens a round, the batch finishes at 2.5 tokens a round per row). The
-        gate runs on this measurement, not on the confidences' forecast: a confidence head miscalibrated on the
-        prompts at hand (held-out ECE 0.08 on the embedded pair, under-confident there) would otherwise switch off
-        a draft that pays, or keep one that does not."""
-        weight = jnp.where(self.idle_rounds > 0, PROBE_GAIN_WEIGHT, GAIN_WEIGHT)
+        the bool[batch] live rows: (the state with the live rows' `gain` and `spread` updated (a row's first
+        measurement sets the gain, unless the cost table's timing run did), f32[] the throughput drafting delivers to
+        these rows as the batch decodes: rows x the smallest live gain, GAIN_OPTIMISM standard errors included, /
+        seconds). A batch runs until its slowest row is done, so the slowest row's rate, not the mean, is what
+        drafting rounds buy over plain ones (on the embedded pair at batch 8 the mean row commits 3.9 tokens a
+        round, the batch finishes at 2.5 tokens a round per row). The gate runs on this measurement, not on the
+        confidences' forecast: a confidence head miscalibrated on the prompts at hand (held-out ECE 0.08 on the
+        embedded pair, under-confident there) would otherwise switch off a draft that pays, or keep one that does
+        not."""
+        probe = self.idle_rounds > 0
+        weight = jnp.maximum(GAIN_WEIGHT, 1.0 / (self.drafted + 1 + GAIN_PRIOR_ROUNDS).astype(jnp.float32))
+        weight = jnp.where(probe, PROBE_GAIN_WEIGHT, weight)
         mixed = jnp.where(self.gain > 0, (1 - weight) * self.gain + weight * committed, committed)
         gain = jnp.where(live, mixed, self.gain)
+        deviation = (committed - gain) ** 2
+        spread = jnp.where(live, (1 - GAIN_WEIGHT) * self.spread + GAIN_WEIGHT * deviation, self.spread)
+        # The standard error of a running mean that weighs its newest round w is sqrt(variance w / (2 - w)); a
+        # probe joins a stale history, so it is judged at the steady weight.
+        w = jnp.where(probe, GAIN_WEIGHT, weight)
+        hopeful = gain + GAIN_OPTIMISM * jnp.sqrt(spread * w / (2 - w))
         rows = jnp.sum(live)
-        slowest = jnp.min(jnp.where(live, gain, jnp.inf))
-        return dataclasses.replace(self, gain=gain), jnp.where(rows > 0, slowest * rows / seconds, 0.0)
+        slowest = jnp.min(jnp.where(live, hopeful, jnp.inf))
+        state = dataclasses.replace(self, gain=gain, spread=spread, drafted=self.drafted + 1)
+        return state, jnp.where(rows > 0, slowest * rows / seconds, 0.0)
 
     def after_round(self, theta: jax.Array, rows: jax.Array, probe_seconds=None) -> "SchedulerState":
         """The gate for the next round. After a drafting round: keep drafting iff the throughput `theta` that
@@ -145,7 +176,9 @@ class SchedulerState:
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "drafting", "forced", "measured"))
-def _initial(temperatures, width_seconds, plain_seconds, prior, gain, widths, *, batch, drafting, forced, measured):
+def _initial(
+    temperatures, width_seconds, plain_seconds, prior, gain, spread, widths, *, batch, drafting, forced, measured
+):
     """SchedulerState.initial's state (its arguments as arrays; `measured`: whether `gain` was measured)."""
     slots = temperatures.shape[0]
     state = SchedulerState(
@@ -158,6 +191,8 @@ def _initial(temperatures, width_seconds, plain_seconds, prior, gain, widths, *,
         jnp.int32(PROBE_EVERY // 2),
         jnp.int32(forced),
         jnp.full((batch,), gain, jnp.float32),
+        jnp.full((batch,), spread, jnp.float32),
+        jnp.int32(0),
     )
     off = dataclasses.replace(state, drafting=jnp.bool_(False), idle_rounds=jnp.int32(0), probe_every=jnp.int32(NEVER))
     if not drafting:
@@ -167,14 +202,12 @@ def _initial(temperatures, width_seconds, plain_seconds, prior, gain, widths, *,
     planned, theta = plan_width(prior[None], jnp.ones((1,), bool), widths, width_seconds)
     seconds = width_seconds[planned]
     if measured:
-        # `observed` judges the first round on this gain mixed with the round's own tokens at GAIN_WEIGHT: if even
-        # a round committing all its `widths[planned]` slots leaves that mix below the bar the gate closes on, the
-        # round is a certain waste (a batch at b4-16 on a CPU, where one round costs 3-7 plain ones): judge it by
-        # that ceiling instead, so the gate starts shut.
-        ceiling = ((1 - GAIN_WEIGHT) * gain + GAIN_WEIGHT * widths[planned].astype(jnp.float32)) / seconds
-        doomed = ceiling <= GATE_CLOSE / plain_seconds
-        theta = jnp.where(doomed, ceiling, jnp.maximum(theta, gain / width_seconds[-1]))
-        seconds = jnp.where(doomed, seconds, width_seconds[-1])
+        # If even a round committing all its `widths[planned]` slots leaves the running mean (at the steady weight,
+        # with its optimism) below the bar the gate closes on, the round is a certain waste (a batch at b4-16 on a
+        # CPU, where one round costs 3-7 plain ones): the gate starts shut. Otherwise the first round drafts.
+        error = GAIN_OPTIMISM * jnp.sqrt(spread * GAIN_WEIGHT / (2 - GAIN_WEIGHT))
+        best = (1 - GAIN_WEIGHT) * gain + GAIN_WEIGHT * widths[planned].astype(jnp.float32) + error
+        theta = jnp.where(best / seconds <= GATE_CLOSE / plain_seconds, best / seconds, jnp.inf)
     opened = state.after_round(theta, jnp.int32(1), seconds)
     probe_every = jnp.where(opened.drafting, opened.probe_every, jnp.maximum(opened.probe_every, PRIOR_PROBE_EVERY))
     opened = dataclasses.replace(opened, idle_rounds=jnp.int32(0), probe_every=probe_every)

@@ -1,0 +1,146 @@
+"""The scheduler's draft gate at batch 1, replayed on measured rounds: how far it falls behind `full` when the cost
+table says a widest round costs r plain steps.
+
+    python benchmarks/gate_replay.py --data corpus/heldout.jsonl \
+        --commits benchmarks/results/2026-12-03_gate_commits.json --out replay.json
+
+Greedy decoding writes one answer whatever the rounds do, so the tokens a whole-block round commits depend only on
+where it starts: a(L) for an answer L tokens long. `--commits` is measured once (one batched `generate` per prompt,
+a row per start position, ~10 min on 2 CPU cores for the default prompt and 30 held-out windows; the embedded
+pair's is in benchmarks/results, greedy float32 on CPU); the replay then runs the real `SchedulerState` (`initial`,
+`observed`, `after_round`, as the decode loop calls them) over each answer: a drafting round costs r and commits
+a(L), a plain one costs 1 and commits 1. The gate's measured
+gain and its variance come from the first TIMED_ROUNDS rounds of one prompt's answer (the cost table's timing run
+measures those on the request that builds it; a server reuses it for later requests), and every prompt takes a
+turn as that source, so a prompt whose early rounds are poor shows what it does to every other request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dspark_jax as dj
+from dspark_jax.bench import DEFAULT_DRAFT, DEFAULT_TARGET
+from dspark_jax.checkpoints import atomic_file
+from dspark_jax.decoding.loop import TIMED_ROUNDS
+from dspark_jax.decoding.schedule import SchedulerState
+from dspark_jax.evaluate import load_prompts
+from dspark_jax.generate import DEFAULT_PROMPT
+
+
+def measure_commits(target, draft, prompts, new_tokens: int) -> list[dict]:
+    """Per prompt: the plain greedy answer's a(L), L = 1 .. new_tokens (tokens a full-block round commits when the
+    answer holds L tokens), and the acceptance lengths of a `full` run (a check: replaying a(L) must give them)."""
+    block = draft.config.block_size
+    out = []
+    for p in prompts:
+        answer = dj.generate(target, None, [p], max_new_tokens=new_tokens + block + 1).tokens[0]
+        full = dj.generate(target, draft, [p], max_new_tokens=new_tokens).acceptance_lengths[0]
+        starts = [p + answer[: n - 1] for n in range(1, min(new_tokens, len(answer)) + 1)]
+        commits = []
+        for i in range(0, len(starts), 64):  # the prefix ends where the round's anchor is: the first round is a(L)
+            r = dj.generate(target, draft, starts[i : i + 64], max_new_tokens=block + 2)
+            commits += [q[0] for q in r.acceptance_lengths]
+        out.append({"commits": commits, "full": full})
+    return out
+
+
+@jax.jit
+def _step(sched: SchedulerState, committed, seconds):
+    """One round of the gate at batch 1: a drafting round (observed, then after_round, as the loop's `_gate`) or a
+    plain one (after_round with nothing delivered)."""
+    live = jnp.ones((1,), bool)
+
+    def drafting(s):
+        s, delivered = s.observed(committed[None], live, seconds)
+        return s.after_round(delivered, jnp.int32(1), seconds)
+
+    return jax.lax.cond(sched.drafting, drafting, lambda s: s.after_round(jnp.float32(0), jnp.int32(1)), sched)
+
+
+def replay(commits: list[int], ratio: float, gain: float, spread: float, new_tokens: int, block: int) -> float:
+    """Plain steps the scheduler takes for `new_tokens` tokens (its answer's a(L)), widest round = `ratio` steps."""
+    sched = SchedulerState.initial(
+        np.ones(block), [ratio], 1.0, 1, gain=gain, spread=spread, widths=[block + 1], prior=np.ones(block)
+    )
+    n, steps = 1, 0.0
+    while n <= new_tokens:
+        drafting = bool(sched.drafting)
+        c = commits[n - 1] if drafting else 1
+        steps += ratio if drafting else 1.0
+        n += c
+        sched = _step(sched, jnp.int32(c), jnp.float32(ratio))
+    return steps
+
+
+def full_steps(commits: list[int], ratio: float, new_tokens: int) -> float:
+    n, steps = 1, 0.0
+    while n <= new_tokens:
+        steps += ratio
+        n += commits[n - 1]
+    return steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="held-out .jsonl (windows as in policy_table.py)")
+    p.add_argument("--commits", required=True, help="a(L) per prompt: read if it exists, else measured and written")
+    p.add_argument("--prompts", type=int, default=30)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--ratios", type=float, nargs="+", default=[2.3, 2.6, 2.9, 3.3])
+    p.add_argument("--out")
+    args = p.parse_args()
+    target = dj.load_target(DEFAULT_TARGET, dtype="float32")
+    draft = dj.load_draft(DEFAULT_DRAFT, target=target)
+    block, n = draft.config.block_size, args.max_new_tokens
+    if os.path.exists(args.commits):
+        with open(args.commits) as f:
+            data = json.load(f)
+    else:
+        prompts = [target.tokenizer.encode_prompt(DEFAULT_PROMPT)]
+        prompts += load_prompts(args.data, args.prompts, 64, 0)
+        data = measure_commits(target, draft, prompts, n)
+        with atomic_file(args.commits) as tmp, open(tmp, "w") as f:
+            json.dump(data, f)
+    for d in data:  # the measurement's own check: replaying a(L) with every round drafting gives the full run
+        a, rounds, m = d["commits"] + [1] * n, [], 1
+        while m <= n and len(rounds) < len(d["full"]):
+            rounds.append(a[m - 1])
+            m += a[m - 1]
+        assert rounds == d["full"][: len(rounds)], "a(L) does not reproduce the full run"
+    report = {"args": vars(args), "rows": []}
+    for ratio in args.ratios:
+        full = [n / full_steps(d["commits"] + [1] * n, ratio, n) for d in data]
+        per_source = []
+        for src in data:  # prompt 0 is the main command's: it measures its own table there
+            first = src["full"][:TIMED_ROUNDS]
+            gain, spread = float(np.mean(first)), float(np.var(first))
+            gated = [n / replay(d["commits"] + [1] * n, ratio, gain, spread, n, block) for d in data]
+            per_source.append([g - f for g, f in zip(gated, full)])
+        diffs = np.asarray(per_source)  # [source, prompt] scheduler - full speedup
+        row = {
+            "ratio": ratio,
+            "full_mean_speedup": statistics.fmean(full[1:]),
+            "main_full": full[0],
+            "main_scheduler_minus_full": float(diffs[0, 0]),
+            "heldout_mean_diff_worst_source": float(diffs[1:, 1:].mean(axis=1).min()),
+            "heldout_mean_diff_avg": float(diffs[1:, 1:].mean()),
+            "prompts_behind_0.04_avg": float((diffs[1:, 1:] < -0.04).sum(axis=1).mean()),
+            "worst_prompt_diff": float(diffs[1:, 1:].min()),
+        }
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with atomic_file(args.out) as tmp, open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
