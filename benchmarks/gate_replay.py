@@ -80,12 +80,13 @@ def replay(commits: list[int], ratio: float, gain: float, spread: float, new_tok
     return steps
 
 
-def full_steps(commits: list[int], ratio: float, new_tokens: int) -> float:
-    n, steps = 1, 0.0
+def full_rounds(commits: list[int], new_tokens: int) -> list[int]:
+    """Tokens each round commits when every round drafts the whole block (`full`) until `new_tokens` are out."""
+    n, rounds = 1, []
     while n <= new_tokens:
-        steps += ratio
-        n += commits[n - 1]
-    return steps
+        rounds.append(commits[n - 1])
+        n += rounds[-1]
+    return rounds
 
 
 def main() -> None:
@@ -109,20 +110,18 @@ def main() -> None:
         data = measure_commits(target, draft, prompts, n)
         with atomic_file(args.commits) as tmp, open(tmp, "w") as f:
             json.dump(data, f)
-    for d in data:  # the measurement's own check: replaying a(L) with every round drafting gives the full run
-        a, rounds, m = d["commits"] + [1] * n, [], 1
-        while m <= n and len(rounds) < len(d["full"]):
-            rounds.append(a[m - 1])
-            m += a[m - 1]
-        assert rounds == d["full"][: len(rounds)], "a(L) does not reproduce the full run"
+    commits = [d["commits"] + [1] * n for d in data]  # a stop token may end an answer early: one token a round
+    for a, d in zip(commits, data):  # the measurement's own check: replaying a(L) with every round drafting
+        rounds = full_rounds(a, n)
+        assert rounds[: len(d["full"])] == d["full"][: len(rounds)], "a(L) does not reproduce the full run"
     report = {"args": vars(args), "rows": []}
     for ratio in args.ratios:
-        full = [n / full_steps(d["commits"] + [1] * n, ratio, n) for d in data]
+        full = [n / (ratio * len(full_rounds(a, n))) for a in commits]
         per_source = []
         for src in data:  # prompt 0 is the main command's: it measures its own table there
             first = src["full"][:TIMED_ROUNDS]
             gain, spread = float(np.mean(first)), float(np.var(first))
-            gated = [n / replay(d["commits"] + [1] * n, ratio, gain, spread, n, block) for d in data]
+            gated = [n / replay(a, ratio, gain, spread, n, block) for a in commits]
             per_source.append([g - f for g, f in zip(gated, full)])
         diffs = np.asarray(per_source)  # [source, prompt] scheduler - full speedup
         row = {

@@ -129,16 +129,14 @@ class SchedulerState:
         embedded pair, under-confident there) would otherwise switch off a draft that pays, or keep one that does
         not."""
         probe = self.idle_rounds > 0
-        weight = jnp.maximum(GAIN_WEIGHT, 1.0 / (self.drafted + 1 + GAIN_PRIOR_ROUNDS).astype(jnp.float32))
-        weight = jnp.where(probe, PROBE_GAIN_WEIGHT, weight)
+        steady = jnp.maximum(GAIN_WEIGHT, 1.0 / (self.drafted + 1 + GAIN_PRIOR_ROUNDS).astype(jnp.float32))
+        weight = jnp.where(probe, PROBE_GAIN_WEIGHT, steady)
         mixed = jnp.where(self.gain > 0, (1 - weight) * self.gain + weight * committed, committed)
         gain = jnp.where(live, mixed, self.gain)
         deviation = (committed - gain) ** 2
         spread = jnp.where(live, (1 - GAIN_WEIGHT) * self.spread + GAIN_WEIGHT * deviation, self.spread)
-        # The standard error of a running mean that weighs its newest round w is sqrt(variance w / (2 - w)); a
-        # probe joins a stale history, so it is judged at the steady weight.
-        w = jnp.where(probe, GAIN_WEIGHT, weight)
-        hopeful = gain + GAIN_OPTIMISM * jnp.sqrt(spread * w / (2 - w))
+        # A probe joins a stale history, so it is judged at the steady weight's error, not at its own weight's.
+        hopeful = gain + _optimism(spread, jnp.where(probe, GAIN_WEIGHT, steady))
         rows = jnp.sum(live)
         slowest = jnp.min(jnp.where(live, hopeful, jnp.inf))
         state = dataclasses.replace(self, gain=gain, spread=spread, drafted=self.drafted + 1)
@@ -175,6 +173,12 @@ class SchedulerState:
         return dataclasses.replace(self, drafting=drafting, idle_rounds=idle, probe_every=probe_every)
 
 
+def _optimism(spread: jax.Array, weight) -> jax.Array:
+    """GAIN_OPTIMISM standard errors of a running mean that weighs its newest round `weight`, over rounds whose tokens
+    have variance `spread`: sqrt(spread weight / (2 - weight)) each."""
+    return GAIN_OPTIMISM * jnp.sqrt(spread * weight / (2 - weight))
+
+
 @functools.partial(jax.jit, static_argnames=("batch", "drafting", "forced", "measured"))
 def _initial(
     temperatures, width_seconds, plain_seconds, prior, gain, spread, widths, *, batch, drafting, forced, measured
@@ -205,8 +209,8 @@ def _initial(
         # If even a round committing all its `widths[planned]` slots leaves the running mean (at the steady weight,
         # with its optimism) below the bar the gate closes on, the round is a certain waste (a batch at b4-16 on a
         # CPU, where one round costs 3-7 plain ones): the gate starts shut. Otherwise the first round drafts.
-        error = GAIN_OPTIMISM * jnp.sqrt(spread * GAIN_WEIGHT / (2 - GAIN_WEIGHT))
-        best = (1 - GAIN_WEIGHT) * gain + GAIN_WEIGHT * widths[planned].astype(jnp.float32) + error
+        best = (1 - GAIN_WEIGHT) * gain + GAIN_WEIGHT * widths[planned].astype(jnp.float32)
+        best = best + _optimism(spread, GAIN_WEIGHT)
         theta = jnp.where(best / seconds <= GATE_CLOSE / plain_seconds, best / seconds, jnp.inf)
     opened = state.after_round(theta, jnp.int32(1), seconds)
     probe_every = jnp.where(opened.drafting, opened.probe_every, jnp.maximum(opened.probe_every, PRIOR_PROBE_EVERY))
