@@ -21,21 +21,25 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import dspark_jax as dj
 from dspark_jax.bench import DEFAULT_DRAFT, DEFAULT_TARGET
 from dspark_jax.checkpoints import atomic_file
 from dspark_jax.decoding.loop import prepare, round_seconds_table
+from dspark_jax.decoding.schedule import plan_width, prefix_confidences
 from dspark_jax.evaluate import load_prompts
 from dspark_jax.generate import DEFAULT_PROMPT
 
 
 def replay(acceptance: np.ndarray, logits: np.ndarray, temperatures, widths, width_seconds, plain_seconds) -> dict:
     """Speedups of one prompt's rounds (i32[rounds] tokens committed, f32[rounds, slots] confidence logits)."""
-    s = np.cumprod(1 / (1 + np.exp(-logits / temperatures)), axis=1)
-    cum = np.concatenate([np.zeros((len(s), 1)), np.cumsum(s, axis=1)], axis=1)
-    own = np.argmax((1 + cum[:, widths - 1]) / width_seconds, axis=1)
+    s = prefix_confidences(jnp.asarray(logits, jnp.float32), jnp.asarray(temperatures, jnp.float32))
+    one_row = jnp.ones((1,), bool)
+    # The scheduler's own plan, one round at a time (a batch of one row): its objective, not a copy of it.
+    own = np.asarray(jax.vmap(lambda si: plan_width(si[None], one_row, jnp.asarray(widths), width_seconds)[0])(s))
     oracle = np.array([np.argmin(width_seconds / np.minimum(a, widths)) for a in acceptance])
 
     def speedup(picks):
