@@ -167,12 +167,13 @@ def test_scheduler_gate_follows_measured_tokens(tiny, monkeypatch):
         assert drafted[0] == 0 and len(drafted) <= len(confidences) // 6, drafted
 
 
-@pytest.mark.parametrize("max_new, pushed", [(40, False), (100, True)])
+@pytest.mark.parametrize("max_new, pushed", [(40, False), (68, False), (100, True)])
 def test_shut_gate_pushes_context_only_for_a_probe(tiny, monkeypatch, max_new, pushed):
     """A gate shut from the start (typical confidences of 0: no first round) probes after PRIOR_PROBE_EVERY rounds.
-    The draft's context (the prompt at prefill, the rows plain rounds collect) is computed only if that probe comes
-    before the batch is done: with 40 new tokens the draft cache stays empty, with 100 it is filled and the probe
-    drafts. The output is plain greedy either way."""
+    The draft's context (the prompt at prefill, the rows plain rounds collect) is computed only if that probe leaves
+    PROBE_PAYBACK_ROUNDS before the batch is done: with 40 new tokens (no probe) or 68 (one due 4 rounds before the
+    end) the draft cache stays empty and nothing drafts, with 100 it is filled and the probe drafts. The output is
+    plain greedy either way."""
     import jax
 
     from dspark_jax.decoding.schedule import PRIOR_PROBE_EVERY

@@ -22,6 +22,7 @@ from dspark_jax.decoding.calibration import factors_for
 from dspark_jax.decoding.prefill import prefill_prompts
 from dspark_jax.decoding.propose import propose
 from dspark_jax.decoding.schedule import (
+    PROBE_PAYBACK_ROUNDS,
     SchedulerState,
     num_to_verify,
     plan_width,
@@ -296,12 +297,14 @@ def _plain_next_token(state: DecodeState, logits: jax.Array, keys: jax.Array) ->
 
 def _may_draft_again(sched: SchedulerState, done: jax.Array, lengths: jax.Array, limits: jax.Array) -> jax.Array:
     """bool[]: whether the draft can run again before every row is done: the gate is open, or its next probe (the
-    round after the one that brings `idle_rounds` to `probe_every`) comes within the rounds the live rows have left
-    (each round commits at least one token). When it cannot, the draft's context is never read again, so the rows
-    plain rounds collect are not pushed (a draft context pass over batch x width rows: ~5 % of a plain round's work
-    at batch 16 on a CPU) and prefill skips the prompt's."""
+    round after the one that brings `idle_rounds` to `probe_every`) leaves PROBE_PAYBACK_ROUNDS of the rounds the
+    live rows have left (each round commits at least one token) to pay it back. When it cannot, the draft never runs
+    again (`_plain_round` holds the gate shut), so the rows plain rounds collect are not pushed (a draft context pass
+    over batch x width rows costs ~2-5 % of the plain rounds in between on a CPU) and prefill skips the prompt's.
+    While the gate stays shut both sides of the test fall by one a round or the right one by more: once False, it
+    stays False."""
     remaining = jnp.max(jnp.where(done, 0, limits - lengths + 1))
-    return sched.drafting | (sched.probe_every - sched.idle_rounds < remaining)
+    return sched.drafting | (sched.probe_every - sched.idle_rounds + PROBE_PAYBACK_ROUNDS < remaining)
 
 
 def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeState:
@@ -331,6 +334,7 @@ def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeSta
     slot = jnp.where(live, state.lengths, state.tokens.shape[1])  # done rows write out of bounds: dropped
     round_idx = jnp.minimum(state.rounds, spec.max_rounds - 1)
     record = jnp.where(live, round_idx, spec.max_rounds)  # likewise for the statistics
+    gate = state.scheduler.after_round(jnp.float32(0), jnp.sum(live))
     return dataclasses.replace(
         state,
         tokens=state.tokens.at[rows, slot].set(next_token, mode="drop"),
@@ -344,7 +348,7 @@ def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeSta
         acceptance=state.acceptance.at[rows, record].set(1, mode="drop"),
         proposals=state.proposals.at[rows, record].set(0, mode="drop"),
         confidences=state.confidences.at[rows, record].set(0.0, mode="drop"),
-        scheduler=state.scheduler.after_round(jnp.float32(0), jnp.sum(live)),
+        scheduler=dataclasses.replace(gate, drafting=gate.drafting & needed),  # no context kept: no probe
     )
 
 

@@ -23,6 +23,9 @@ PROBE_BUDGET = 0.02
 # steady-state round (it enters and leaves its loop).
 PRIOR_PROBE_EVERY = 64
 NEVER = 1 << 30  # a probe interval no decode reaches: the draft stays off
+# A probe that opens the gate pays back over the drafting rounds after it, so one due within the batch's last
+# PROBE_PAYBACK_ROUNDS rounds is not run, and the draft context it would read is not kept (`loop._may_draft_again`).
+PROBE_PAYBACK_ROUNDS = 8
 # Hysteresis of the draft gate: drafting starts (first round, probes) only when it beats plain decoding by
 # GATE_MARGIN, and stops only when it falls below GATE_CLOSE times plain. The cost table moves 10-20% with machine
 # load and a round's tokens vary from 1 to block + 1, so near break-even a single threshold would flip the gate back
