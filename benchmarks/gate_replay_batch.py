@@ -1,0 +1,96 @@
+"""The scheduler's draft gate on a batch, replayed on measured rounds: what its drafting rounds cost a batch whose
+planned width-w round costs r plain rounds (the CPU's batch-8 case: w = 4, r = 3.0-3.8).
+
+    python benchmarks/gate_replay_batch.py --commits benchmarks/results/2026-12-03_gate_commits.json --out b8.json
+
+The a(L) of `gate_replay.py` (tokens a whole-block round commits at answer length L, greedy), held-out prompts
+grouped into batches of `--batch` rows; a round at width w commits min(a(L), w) tokens to each live row, a plain
+round one. The batch runs until every row has `--max-new-tokens` tokens, so plain decoding takes that many rounds.
+The cost table's gain and variance are its slowest row's over its first TIMED_ROUNDS whole-block rounds, and every
+batch takes a turn as the table's source. Reports the scheduler's speedup over plain decoding and the share of
+rounds it drafted, per r.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gate_replay import full_rounds
+
+from dspark_jax.checkpoints import atomic_file
+from dspark_jax.decoding.loop import TIMED_ROUNDS
+from dspark_jax.decoding.schedule import SchedulerState
+
+
+@jax.jit
+def _step(sched: SchedulerState, committed, live, seconds):
+    """One round of the gate (the loop's `_gate` after a drafting round, `after_round` alone after a plain one)."""
+
+    def drafting(s):
+        s, delivered = s.observed(committed, live, seconds)
+        return s.after_round(delivered, jnp.sum(live), seconds)
+
+    return jax.lax.cond(sched.drafting, drafting, lambda s: s.after_round(jnp.float32(0), jnp.sum(live)), sched)
+
+
+def replay(rows: list[list[int]], ratio: float, width: int, gain: float, spread: float, n: int, block: int):
+    """(plain rounds the gate's batch takes for n tokens a row, share of its rounds that drafted)."""
+    sched = SchedulerState.initial(
+        np.ones(block), [ratio], 1.0, len(rows), gain=gain, spread=spread, widths=[width], prior=np.ones(block)
+    )
+    lengths, steps, drafted, rounds = np.ones(len(rows), int), 0.0, 0, 0
+    while (lengths <= n).any():
+        live = lengths <= n
+        drafting = bool(sched.drafting)
+        got = [min(a[min(m, n) - 1], width) if drafting else 1 for a, m in zip(rows, lengths)]
+        committed = np.where(live, got, 0)
+        steps, drafted, rounds = steps + (ratio if drafting else 1.0), drafted + drafting, rounds + 1
+        lengths = lengths + committed
+        sched = _step(sched, jnp.asarray(committed, jnp.int32), jnp.asarray(live), jnp.float32(ratio))
+    return steps, drafted / rounds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--commits", required=True, help="gate_replay.py's a(L) file")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--width", type=int, default=4, help="the planned target-pass width")
+    p.add_argument("--block", type=int, default=7)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--ratios", type=float, nargs="+", default=[3.0, 3.3, 3.6, 3.9])
+    p.add_argument("--out")
+    args = p.parse_args()
+    with open(args.commits) as f:
+        data = json.load(f)[1:]  # the held-out prompts
+    n, b = args.max_new_tokens, args.batch
+    commits = [d["commits"] + [1] * (n + args.block + 1) for d in data]  # a stop token ends an answer: 1 a round
+    batches = [commits[i : i + b] for i in range(0, len(commits) - b + 1, b)]
+    tables = []
+    for rows in batches:
+        slowest = min((full_rounds(a, n)[:TIMED_ROUNDS] for a in rows), key=np.mean)
+        tables.append((float(np.mean(slowest)), float(np.var(slowest))))
+    report = {"args": vars(args), "rows": []}
+    for ratio in args.ratios:
+        runs = [replay(rows, ratio, args.width, g, v, n, args.block) for rows in batches for g, v in tables]
+        speedup = np.asarray([n / steps for steps, _ in runs])
+        row = {
+            "ratio": ratio,
+            "scheduler_over_plain_mean": float(speedup.mean()),
+            "scheduler_over_plain_min": float(speedup.min()),
+            "below_0.95_share": float((speedup < 0.95).mean()),
+            "drafting_share_mean": float(np.mean([share for _, share in runs])),
+            "table_gains": [g for g, _ in tables],
+        }
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with atomic_file(args.out) as tmp, open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
