@@ -52,16 +52,16 @@ def measure_commits(target, draft, prompts, new_tokens: int) -> list[dict]:
 
 
 @jax.jit
-def _step(sched: SchedulerState, committed, seconds):
-    """One round of the gate at batch 1: a drafting round (observed, then after_round, as the loop's `_gate`) or a
-    plain one (after_round with nothing delivered)."""
-    live = jnp.ones((1,), bool)
+def gate_step(sched: SchedulerState, committed, live, seconds):
+    """One round of the gate: a drafting round (observed, then after_round, as the loop's `_gate`) or a plain one
+    (after_round with nothing delivered). committed: i32[batch] tokens the round gave each row; live: bool[batch]."""
+    rows = jnp.sum(live)
 
     def drafting(s):
-        s, delivered = s.observed(committed[None], live, seconds)
-        return s.after_round(delivered, jnp.int32(1), seconds)
+        s, delivered = s.observed(committed, live, seconds)
+        return s.after_round(delivered, rows, seconds)
 
-    return jax.lax.cond(sched.drafting, drafting, lambda s: s.after_round(jnp.float32(0), jnp.int32(1)), sched)
+    return jax.lax.cond(sched.drafting, drafting, lambda s: s.after_round(jnp.float32(0), rows), sched)
 
 
 def replay(commits: list[int], ratio: float, gain: float, spread: float, new_tokens: int, block: int) -> float:
@@ -75,7 +75,7 @@ def replay(commits: list[int], ratio: float, gain: float, spread: float, new_tok
         c = commits[n - 1] if drafting else 1
         steps += ratio if drafting else 1.0
         n += c
-        sched = _step(sched, jnp.int32(c), jnp.float32(ratio))
+        sched = gate_step(sched, jnp.asarray([c], jnp.int32), jnp.ones((1,), bool), jnp.float32(ratio))
     return steps
 
 
@@ -136,8 +136,13 @@ def main() -> None:
         }
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
-    if args.out:
-        with atomic_file(args.out) as tmp, open(tmp, "w") as f:
+    save_report(report, args.out)
+
+
+def save_report(report: dict, path: str | None) -> None:
+    """Write the report's JSON to `path` (atomically), if one was given."""
+    if path:
+        with atomic_file(path) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=1)
 
 

@@ -16,25 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from gate_replay import full_rounds
+from gate_replay import full_rounds, gate_step, save_report
 
-from dspark_jax.checkpoints import atomic_file
 from dspark_jax.decoding.loop import TIMED_ROUNDS
 from dspark_jax.decoding.schedule import SchedulerState
-
-
-@jax.jit
-def _step(sched: SchedulerState, committed, live, seconds):
-    """One round of the gate (the loop's `_gate` after a drafting round, `after_round` alone after a plain one)."""
-
-    def drafting(s):
-        s, delivered = s.observed(committed, live, seconds)
-        return s.after_round(delivered, jnp.sum(live), seconds)
-
-    return jax.lax.cond(sched.drafting, drafting, lambda s: s.after_round(jnp.float32(0), jnp.sum(live)), sched)
 
 
 def replay(rows: list[list[int]], ratio: float, width: int, gain: float, spread: float, n: int, block: int):
@@ -50,7 +37,7 @@ def replay(rows: list[list[int]], ratio: float, width: int, gain: float, spread:
         committed = np.where(live, got, 0)
         steps, drafted, rounds = steps + (ratio if drafting else 1.0), drafted + drafting, rounds + 1
         lengths = lengths + committed
-        sched = _step(sched, jnp.asarray(committed, jnp.int32), jnp.asarray(live), jnp.float32(ratio))
+        sched = gate_step(sched, jnp.asarray(committed, jnp.int32), jnp.asarray(live), jnp.float32(ratio))
     return steps, drafted / rounds
 
 
@@ -87,9 +74,7 @@ def main() -> None:
         }
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
-    if args.out:
-        with atomic_file(args.out) as tmp, open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":
