@@ -312,8 +312,8 @@ def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeSta
     features join the pending context rows, so a later round can draft again. The pending rows are pushed into the
     draft cache only when they fill up (every `spec.width` rounds): the push reads the draft's context weights
     (~4 % of the embedded target's bytes) whether it writes one row or eight; and not at all once no probe can come
-    before the batch is done (`_may_draft_again`). Records 1 committed token, 0 drafts and zero confidences for the
-    round."""
+    early enough to pay back before the batch is done (`_may_draft_again`), when the gate stays shut for good.
+    Records 1 committed token, 0 drafts and zero confidences for the round."""
     full = jnp.max(state.num_pending) >= state.pending.shape[1]
     needed = _may_draft_again(state.scheduler, state.done, state.lengths, state.limits)
     state = jax.lax.cond(full & needed, functools.partial(_flush_pending, draft), lambda s: s, state)
