@@ -64,19 +64,23 @@ def gate_step(sched: SchedulerState, committed, live, seconds):
     return jax.lax.cond(sched.drafting, drafting, lambda s: s.after_round(jnp.float32(0), rows), sched)
 
 
-def replay(commits: list[int], ratio: float, gain: float, spread: float, new_tokens: int, block: int) -> float:
-    """Plain steps the scheduler takes for `new_tokens` tokens (its answer's a(L)), widest round = `ratio` steps."""
+def replay(rows: list[list[int]], ratio: float, width: int, gain: float, spread: float, n: int, block: int):
+    """(plain steps a batch of `rows` (each an answer's a(L)) takes for n tokens a row, share of its rounds that
+    drafted) when a drafting round runs at `width` and costs `ratio` plain steps: it commits min(a(L), width) tokens
+    to each live row, a plain round one."""
     sched = SchedulerState.initial(
-        np.ones(block), [ratio], 1.0, 1, gain=gain, spread=spread, widths=[block + 1], prior=np.ones(block)
+        np.ones(block), [ratio], 1.0, len(rows), gain=gain, spread=spread, widths=[width], prior=np.ones(block)
     )
-    n, steps = 1, 0.0
-    while n <= new_tokens:
+    lengths, steps, drafted, rounds = np.ones(len(rows), int), 0.0, 0, 0
+    while (lengths <= n).any():
+        live = lengths <= n
         drafting = bool(sched.drafting)
-        c = commits[n - 1] if drafting else 1
-        steps += ratio if drafting else 1.0
-        n += c
-        sched = gate_step(sched, jnp.asarray([c], jnp.int32), jnp.ones((1,), bool), jnp.float32(ratio))
-    return steps
+        got = [min(a[min(m, n) - 1], width) if drafting else 1 for a, m in zip(rows, lengths)]
+        committed = np.where(live, got, 0)
+        steps, drafted, rounds = steps + (ratio if drafting else 1.0), drafted + drafting, rounds + 1
+        lengths = lengths + committed
+        sched = gate_step(sched, jnp.asarray(committed, jnp.int32), jnp.asarray(live), jnp.float32(ratio))
+    return steps, drafted / rounds
 
 
 def full_rounds(commits: list[int], new_tokens: int) -> list[int]:
@@ -120,7 +124,7 @@ def main() -> None:
         for src in data:  # prompt 0 is the main command's: it measures its own table there
             first = src["full"][:TIMED_ROUNDS]
             gain, spread = float(np.mean(first)), float(np.var(first))
-            per_source.append([n / replay(a, ratio, gain, spread, n, block) for a in commits])
+            per_source.append([n / replay([a], ratio, block + 1, gain, spread, n, block)[0] for a in commits])
         gated = np.asarray(per_source)  # [source, prompt] scheduler speedup over plain
         diffs = gated - full  # scheduler - full
         row = {

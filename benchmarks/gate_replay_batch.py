@@ -16,29 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax.numpy as jnp
 import numpy as np
-from gate_replay import full_rounds, gate_step, save_report
+from gate_replay import full_rounds, replay, save_report
 
 from dspark_jax.decoding.loop import TIMED_ROUNDS
-from dspark_jax.decoding.schedule import SchedulerState
-
-
-def replay(rows: list[list[int]], ratio: float, width: int, gain: float, spread: float, n: int, block: int):
-    """(plain rounds the gate's batch takes for n tokens a row, share of its rounds that drafted)."""
-    sched = SchedulerState.initial(
-        np.ones(block), [ratio], 1.0, len(rows), gain=gain, spread=spread, widths=[width], prior=np.ones(block)
-    )
-    lengths, steps, drafted, rounds = np.ones(len(rows), int), 0.0, 0, 0
-    while (lengths <= n).any():
-        live = lengths <= n
-        drafting = bool(sched.drafting)
-        got = [min(a[min(m, n) - 1], width) if drafting else 1 for a, m in zip(rows, lengths)]
-        committed = np.where(live, got, 0)
-        steps, drafted, rounds = steps + (ratio if drafting else 1.0), drafted + drafting, rounds + 1
-        lengths = lengths + committed
-        sched = gate_step(sched, jnp.asarray(committed, jnp.int32), jnp.asarray(live), jnp.float32(ratio))
-    return steps, drafted / rounds
 
 
 def main() -> None:
