@@ -6,8 +6,9 @@ planned width-w round costs r plain rounds (the CPU's batch-8 case: w = 4, r = 3
 The a(L) of `gate_replay.py` (tokens a whole-block round commits at answer length L, greedy), held-out prompts
 grouped into batches of `--batch` rows; a round at width w commits min(a(L), w) tokens to each live row, a plain
 round one. The batch runs until every row has `--max-new-tokens` tokens, so plain decoding takes that many rounds.
-The cost table's gain and variance are its slowest row's over its first TIMED_ROUNDS whole-block rounds, and every
-batch takes a turn as the table's source. Reports the scheduler's speedup over plain decoding and the share of
+The cost table's gain and variance are its slowest row's over its first TIMED_ROUNDS whole-block rounds, each capped
+at the planned width as the live table does (`loop.slowest_row_stats`), and every batch takes a turn as the table's
+source. Reports the scheduler's speedup over plain decoding and the share of
 rounds it drafted, per r.
 """
 
@@ -19,7 +20,7 @@ import json
 import numpy as np
 from gate_replay import full_rounds, replay, save_report
 
-from dspark_jax.decoding.loop import TIMED_ROUNDS
+from dspark_jax.decoding.loop import TIMED_ROUNDS, slowest_row_stats
 
 
 def main() -> None:
@@ -39,8 +40,8 @@ def main() -> None:
     batches = [commits[i : i + b] for i in range(0, len(commits) - b + 1, b)]
     tables = []
     for rows in batches:
-        slowest = min((full_rounds(a, n)[:TIMED_ROUNDS] for a in rows), key=np.mean)
-        tables.append((float(np.mean(slowest)), float(np.var(slowest))))
+        gain, spread = slowest_row_stats([np.asarray(full_rounds(a, n)[:TIMED_ROUNDS]) for a in rows], [args.width])
+        tables.append((float(gain[0]), float(spread[0])))
     report = {"args": vars(args), "rows": []}
     for ratio in args.ratios:
         runs = [replay(rows, ratio, args.width, g, v, n, args.block) for rows in batches for g, v in tables]

@@ -12,7 +12,7 @@ import pytest
 
 import dspark_jax as dj
 from dspark_jax import metrics
-from dspark_jax.decoding import calibration
+from dspark_jax.decoding import calibration, loop
 from dspark_jax.decoding.schedule import (
     GAIN_OPTIMISM,
     GAIN_PRIOR_ROUNDS,
@@ -151,6 +151,25 @@ def test_first_round_follows_the_measured_gain():
     off = init(prior=[0.1, 0.0, 0.0])  # unmeasured: 1.1 tokens in 1.2 s at best
     assert not bool(off.drafting) and int(off.probe_every) == PRIOR_PROBE_EVERY
     assert bool(init(prior=[0.9, 0.9, 0.9]).drafting)  # the confidences promise 3.4 tokens in 1.6 s
+
+
+def test_first_round_takes_the_planned_widths_gain():
+    """A gain per width: the first round is judged on the entry of the width it is planned at. Here width 2 is
+    planned (1.9 tokens in 1.6 s beat 3.4 in 3.5 s), its slowest row committed 1 token a round (doomed: 1.24 tokens
+    in 1.6 s at best), while the widest width's entry (3 tokens) alone would open the gate."""
+    init = functools.partial(SchedulerState.initial, np.ones(3), [1.1, 1.6, 3.5], 1.0, 2, widths=[1, 2, 4])
+    prior, spread = [0.9, 0.9, 0.9], [0.25, 0.25, 0.25]
+    per_width = init(prior=prior, gain=[1.0, 1.0, 3.0], spread=spread)
+    assert not bool(per_width.drafting) and np.allclose(per_width.gain, 1.0)
+    assert bool(init(prior=prior, gain=3.0, spread=0.25).drafting)
+
+
+def test_table_gain_is_capped_at_each_width():
+    """A round at width w commits min(c, w) of a whole-block round's c, and the slowest row is the slowest at that
+    width: a row alternating 8 and 1 is the slowest up to width 4, a steady 3 beyond."""
+    mean, var = loop.slowest_row_stats([np.array([8, 1, 8, 1]), np.array([3, 3, 3, 3])], [1, 2, 4, 8])
+    np.testing.assert_allclose(mean, [1.0, 1.5, 2.5, 3.0])
+    np.testing.assert_allclose(var, [0.0, 0.25, 2.25, 0.0])
 
 
 def test_probe_interval_follows_the_waste():

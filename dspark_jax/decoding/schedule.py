@@ -99,9 +99,11 @@ class SchedulerState:
         widths=None,
     ):
         """The state before the first round. prior: f32[slots] the pair's typical prefix confidences (default ones);
-        gain: the tokens per round that the slowest row committed at the widest width when the cost table was
-        measured, or None; spread: the variance of that row's tokens a round (default: that of a uniform draw from
-        1 .. slots + 1); widths: the compiled target-pass widths (default 1, 2, ... one per width_seconds entry).
+        gain: the tokens per round that the slowest row committed when the cost table was measured, one value or
+        one per width (a round at width w commits at most w: `loop.slowest_row_stats`), or None; spread: the
+        variance of that row's tokens a round, likewise (default: that of a uniform draw from 1 .. slots + 1);
+        widths: the compiled target-pass widths (default 1, 2, ... one per width_seconds entry). The first round's
+        planned width picks the entries the state starts from.
 
         drafting=False shuts the draft off for good. Otherwise, with a measured `gain`, the first round drafts
         unless that gain dooms it: even a round committing every slot it verifies would leave the slowest row's
@@ -115,10 +117,13 @@ class SchedulerState:
         slots = len(temperatures)
         prior = np.ones((slots,), np.float32) if prior is None else prior
         spread = ((slots + 1) ** 2 - 1) / 12 if spread is None else spread
-        args = (temperatures, width_seconds, plain_seconds, prior, gain or 0, spread)
+        measured = gain is not None
+        gain = 0 if gain is None else gain
+        gain, spread = (np.broadcast_to(np.asarray(a, np.float32), (len(widths),)) for a in (gain, spread))
+        args = (temperatures, width_seconds, plain_seconds, prior, gain, spread)
         args = tuple(jnp.asarray(a, jnp.float32) for a in args) + (jnp.asarray(widths, jnp.int32),)
         # One compiled call: as eager operations this took ~7 ms, paid by every request before its first round.
-        return _initial(*args, batch=batch, drafting=bool(drafting), forced=int(forced), measured=bool(gain))
+        return _initial(*args, batch=batch, drafting=bool(drafting), forced=int(forced), measured=measured)
 
     def observed(self, committed: jax.Array, live: jax.Array, seconds: jax.Array) -> tuple["SchedulerState", jax.Array]:
         """After a drafting round that took `seconds` (its width's table entry) and committed i32[batch] tokens in
@@ -186,8 +191,14 @@ def _optimism(spread: jax.Array, weight) -> jax.Array:
 def _initial(
     temperatures, width_seconds, plain_seconds, prior, gain, spread, widths, *, batch, drafting, forced, measured
 ):
-    """SchedulerState.initial's state (its arguments as arrays; `measured`: whether `gain` was measured)."""
+    """SchedulerState.initial's state (its arguments as arrays, gain and spread f32[widths]; `measured`: whether
+    `gain` was measured)."""
     slots = temperatures.shape[0]
+    # Per row (every row has the same prior), so the live-row count cancels: one row stands for the batch. A
+    # first drafting round that does not pay costs one round: after it the measured tokens decide (`observed`).
+    planned, theta = plan_width(prior[None], jnp.ones((1,), bool), widths, width_seconds)
+    seconds = width_seconds[planned]
+    gain, spread = gain[planned], spread[planned]
     state = SchedulerState(
         temperatures,
         width_seconds,
@@ -204,10 +215,6 @@ def _initial(
     off = dataclasses.replace(state, drafting=jnp.bool_(False), idle_rounds=jnp.int32(0), probe_every=jnp.int32(NEVER))
     if not drafting:
         return off
-    # Per row (every row has the same prior), so the live-row count cancels: one row stands for the batch. A
-    # first drafting round that does not pay costs one round: after it the measured tokens decide (`observed`).
-    planned, theta = plan_width(prior[None], jnp.ones((1,), bool), widths, width_seconds)
-    seconds = width_seconds[planned]
     if measured:
         # If even a round committing all its `widths[planned]` slots leaves the running mean (at the steady weight,
         # with its optimism) below the bar the gate closes on, the round is a certain waste (a batch at b4-16 on a
