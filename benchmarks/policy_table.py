@@ -33,9 +33,9 @@ def timed_modes(target, draft, prompts, policies, args) -> dict:
         dj.generate(target, d, prompts, verify=verify, **kw)  # compile (and measure the scheduler's table)
     runs = {name: [] for name, _, _ in modes}
     for i in range(args.repeats):
-        # The order rotates: a mode run right after another that streamed the same weights finds part of them in the
-        # L3 (32 MiB against 40 MB of compact target weights), so a fixed order favoured plain after the shut
-        # scheduler by 5-10 % at batch 4.
+        # The order rotates: a mode run right after another that streamed the same weights may find part of them in
+        # the L3 (32 MiB against 40 MB of compact target weights), and with a fixed order plain always followed the
+        # shut scheduler (batch 4 read 0.89-0.92x where the loops timed alone were even).
         for name, d, verify in modes[i % len(modes) :] + modes[: i % len(modes)]:
             runs[name].append(dj.generate(target, d, prompts, verify=verify, **kw))
     return {
