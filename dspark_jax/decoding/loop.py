@@ -868,8 +868,8 @@ def round_seconds_table(target, draft, prep: Prepared, reps: int = 3) -> tuple[n
                 n = np.asarray(state.rounds)[live]
                 z = np.asarray(state.confidences)[live]
                 _TYPICAL_CONFIDENCES[key] = np.concatenate([z[i, : n[i]] for i in range(len(n))])
-                committed = [np.asarray(state.acceptance)[live][i, : n[i]] for i in range(len(n))]
-                _TYPICAL_GAIN[key] = slowest_row_stats(committed, spec.widths)
+                committed = np.asarray(state.acceptance)[live]
+                _TYPICAL_GAIN[key] = slowest_row_stats([committed[i, : n[i]] for i in range(len(n))], spec.widths)
             return elapsed
 
         # Every setting once per pass, passes repeated: all settings see the same machine (a shared machine's load
