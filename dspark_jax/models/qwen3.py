@@ -19,7 +19,12 @@ class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Also the draft's layer (spec §4.4)."""
 
     def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs | None):
-        c = config
+        kw = self._attention_block(config, rngs)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, **kw)
+
+    def _attention_block(self, c, rngs: nnx.Rngs | None) -> dict:
+        """Build the norms and the attention (shared with the MoE layer); returns the keyword arguments of the
+        layer's modules."""
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.self_attn = Attention(
@@ -33,7 +38,7 @@ class DecoderLayer(nnx.Module):
             **kw,
         )
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
+        return kw
 
     def __call__(self, x, positions, kv=None, layer: int = 0, mask=None):
         a, kv = self.self_attn(self.input_layernorm(x), positions, kv, layer, mask=mask)

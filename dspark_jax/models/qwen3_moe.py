@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 from jax.sharding import Mesh
 
 from dspark_jax.configs import Qwen3MoeConfig
-from dspark_jax.layers.attention import Attention
 from dspark_jax.layers.mlp import MLP
 from dspark_jax.layers.moe import MoE
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import declare
-from dspark_jax.models.qwen3 import Qwen3
+from dspark_jax.models.qwen3 import DecoderLayer, Qwen3
 
 
-class MoeDecoderLayer(nnx.Module):
+class MoeDecoderLayer(DecoderLayer):
     """Pre-norm block x + attn(norm(x)), then + ffn(norm(x)); ffn = MoE (softmax top-k experts) or a dense MLP
     (`mlp_only_layers`, `decoder_sparse_step`)."""
 
     def __init__(self, config: Qwen3MoeConfig, index: int, mesh: Mesh | None, *, rngs: nnx.Rngs | None):
         c = config
-        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
-        self.self_attn = Attention(
-            c.hidden_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.rms_norm_eps,
-            c.rope_theta,
-            c.rope_scaling,
-            **kw,
-        )
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        kw = self._attention_block(c, rngs)
         if c.is_moe_layer(index):
             self.mlp = MoE(
                 c.hidden_size,
@@ -48,11 +34,6 @@ class MoeDecoderLayer(nnx.Module):
             )
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
-
-    def __call__(self, x: jax.Array, positions: jax.Array, kv=None, layer: int = 0, mask=None):
-        a, kv = self.self_attn(self.input_layernorm(x), positions, kv, layer, mask=mask)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Qwen3Moe(Qwen3):

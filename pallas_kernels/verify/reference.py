@@ -73,6 +73,48 @@ def inverse_cdf(dist: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.maximum(tok, 0).astype(jnp.int32)
 
 
+def _walk(draft_tokens, parents, num_proposed, target_probs, uniforms, residual_uniforms, judge) -> VerifyResult:
+    """The walk over node indices both references take (the module docstring's rule). judge(j, dist, x, q) gives
+    node j's acceptance ratio f32[batch] and the residual f32[batch, vocab] a rejection leaves, for its token
+    x i32[batch] under the current dist f32[batch, vocab] (q = dist[x])."""
+    batch, nodes = draft_tokens.shape
+    vocab = target_probs.shape[-1]
+    target_probs = target_probs.astype(jnp.float32)
+    uniforms = uniforms.astype(jnp.float32)
+    tokens = jnp.clip(draft_tokens.astype(jnp.int32), 0, vocab - 1)
+    parents = parents.astype(jnp.int32)
+    k = jnp.clip(num_proposed.astype(jnp.int32), 0, nodes)
+    rows = jnp.arange(batch)
+
+    def step(j, carry):
+        cur, dist, alen, path = carry
+        eligible = (j < k) & (parents[:, j] == cur)
+        x = tokens[:, j]
+        q = dist[rows, x]
+        ratio, resid = judge(j, dist, x, q)
+        accept = eligible & (uniforms[:, j] < jnp.minimum(1.0, ratio))
+        reject = eligible & ~accept
+        mass = jnp.sum(resid, axis=-1)
+        applied = reject & (mass > MASS_FLOOR)
+        inv = 1.0 / jnp.where(applied, mass, 1.0)
+        dist = jnp.where(
+            accept[:, None], target_probs[:, j + 1], jnp.where(applied[:, None], resid * inv[:, None], dist)
+        )
+        path = jnp.where(accept[:, None] & (jnp.arange(nodes) == alen[:, None]), j, path)
+        return jnp.where(accept, j, cur), dist, alen + accept.astype(jnp.int32), path
+
+    init = (
+        jnp.full((batch,), -1, jnp.int32),
+        target_probs[:, 0],
+        jnp.zeros((batch,), jnp.int32),
+        jnp.full((batch, nodes), -1, jnp.int32),
+    )
+    # (No loop at all for nodes == 0: the body cannot even be traced on size-0 node axes.)
+    _, dist, alen, path = jax.lax.fori_loop(0, nodes, step, init) if nodes else init
+    next_token = inverse_cdf(dist, residual_uniforms.astype(jnp.float32))
+    return VerifyResult(alen, path, next_token)
+
+
 @jax.jit
 def verify_reference(
     draft_tokens: jax.Array,
@@ -100,46 +142,14 @@ def verify_reference(
     Cost: a `lax.fori_loop` over nodes, each step O(batch * vocab) vectorised work; memory O(batch * vocab)
     beyond the inputs. No Python loop over the vocabulary and no host syncs (jit/while_loop safe).
     """
-    batch, nodes = draft_tokens.shape
-    vocab = target_probs.shape[-1]
-    target_probs = target_probs.astype(jnp.float32)
     draft_probs = draft_probs.astype(jnp.float32)
-    uniforms = uniforms.astype(jnp.float32)
-    tokens = jnp.clip(draft_tokens.astype(jnp.int32), 0, vocab - 1)
-    parents = parents.astype(jnp.int32)
-    k = jnp.clip(num_proposed.astype(jnp.int32), 0, nodes)
-    rows = jnp.arange(batch)
+    rows = jnp.arange(draft_tokens.shape[0])
 
-    def step(j, carry):
-        cur, dist, alen, path = carry
-        eligible = (j < k) & (parents[:, j] == cur)
-        x = tokens[:, j]
-        q = dist[rows, x]
+    def judge(j, dist, x, q):
         p_row = draft_probs[:, j]
-        p = p_row[rows, x]
-        ratio = q / jnp.maximum(p, PROB_FLOOR)
-        accept = eligible & (uniforms[:, j] < jnp.minimum(1.0, ratio))
-        reject = eligible & ~accept
-        resid = jnp.maximum(dist - p_row, 0.0)
-        mass = jnp.sum(resid, axis=-1)
-        applied = reject & (mass > MASS_FLOOR)
-        inv = 1.0 / jnp.where(applied, mass, 1.0)
-        dist = jnp.where(
-            accept[:, None], target_probs[:, j + 1], jnp.where(applied[:, None], resid * inv[:, None], dist)
-        )
-        path = jnp.where(accept[:, None] & (jnp.arange(nodes) == alen[:, None]), j, path)
-        return jnp.where(accept, j, cur), dist, alen + accept.astype(jnp.int32), path
+        return q / jnp.maximum(p_row[rows, x], PROB_FLOOR), jnp.maximum(dist - p_row, 0.0)
 
-    init = (
-        jnp.full((batch,), -1, jnp.int32),
-        target_probs[:, 0],
-        jnp.zeros((batch,), jnp.int32),
-        jnp.full((batch, nodes), -1, jnp.int32),
-    )
-    # (No loop at all for nodes == 0: the body cannot even be traced on size-0 node axes.)
-    _, dist, alen, path = jax.lax.fori_loop(0, nodes, step, init) if nodes else init
-    next_token = inverse_cdf(dist, residual_uniforms.astype(jnp.float32))
-    return VerifyResult(alen, path, next_token)
+    return _walk(draft_tokens, parents, num_proposed, target_probs, uniforms, residual_uniforms, judge)
 
 
 @jax.jit
@@ -158,39 +168,10 @@ def verify_reference_onehot(
     dist with dist[x] zeroed (dist[x] <= 1): one element write instead of a [vocab] row per node. The residual is
     the same array as the reference's, so the result equals the reference on explicit one-hot rows.
     """
-    batch, nodes = draft_tokens.shape
-    vocab = target_probs.shape[-1]
-    target_probs = target_probs.astype(jnp.float32)
-    uniforms = uniforms.astype(jnp.float32)
-    tokens = jnp.clip(draft_tokens.astype(jnp.int32), 0, vocab - 1)
-    parents = parents.astype(jnp.int32)
-    k = jnp.clip(num_proposed.astype(jnp.int32), 0, nodes)
-    rows = jnp.arange(batch)
+    rows = jnp.arange(draft_tokens.shape[0])
 
-    def step(j, carry):
-        cur, dist, alen, path = carry
-        eligible = (j < k) & (parents[:, j] == cur)
-        x = tokens[:, j]
-        q = dist[rows, x]
-        accept = eligible & (uniforms[:, j] < jnp.minimum(1.0, q))
-        reject = eligible & ~accept
+    def judge(j, dist, x, q):
         # max(0, dist - one_hot(x)) differs from dist at x only: the same array as the reference's residual.
-        resid = dist.at[rows, x].set(jnp.maximum(q - 1.0, 0.0))
-        mass = jnp.sum(resid, axis=-1)
-        applied = reject & (mass > MASS_FLOOR)
-        inv = 1.0 / jnp.where(applied, mass, 1.0)
-        dist = jnp.where(
-            accept[:, None], target_probs[:, j + 1], jnp.where(applied[:, None], resid * inv[:, None], dist)
-        )
-        path = jnp.where(accept[:, None] & (jnp.arange(nodes) == alen[:, None]), j, path)
-        return jnp.where(accept, j, cur), dist, alen + accept.astype(jnp.int32), path
+        return q, dist.at[rows, x].set(jnp.maximum(q - 1.0, 0.0))
 
-    init = (
-        jnp.full((batch,), -1, jnp.int32),
-        target_probs[:, 0],
-        jnp.zeros((batch,), jnp.int32),
-        jnp.full((batch, nodes), -1, jnp.int32),
-    )
-    _, dist, alen, path = jax.lax.fori_loop(0, nodes, step, init) if nodes else init
-    next_token = inverse_cdf(dist, residual_uniforms.astype(jnp.float32))
-    return VerifyResult(alen, path, next_token)
+    return _walk(draft_tokens, parents, num_proposed, target_probs, uniforms, residual_uniforms, judge)
