@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared accelerator run, sized for an H200 lease: under 6 minutes in all. From the repository root:
+# One prepared accelerator run, sized for an H200 lease: under 7 minutes in all. From the repository root:
 #   bash benchmarks/device_check.sh                     (logs and JSON under $OUT, default ./device_out)
 # Stages, in this order; each runs under its own timeout and the overall deadline, and a failed or timed-out
 # stage is recorded and the next one runs. $OUT/device_check.json is rewritten after every stage.
@@ -9,14 +9,21 @@
 #                tokens the same? (pallas_loop.json)
 #   bench        Qwen3-4B shape, random bf16 weights, batch 1 and 32: plain and speculative tokens/s, compile
 #                time, τ, the per-round split, the plain-decode HBM roofline and projections at the paper's τ
+#   layout       one-row and few-row products at the same shape with the kernels in-major and out-major, then the
+#                batch-1 loop in each layout: does the layout set plain decoding's speed here? (layout.json)
+#   attention    the package's cache attention against jax.nn.dot_product_attention (XLA, cuDNN) at the same shape:
+#                decode verify reads of a 36-layer cache (2k and 32k slots, batch 1 and 32), ms and errors
+#                (attention.json)
+#   long_prompt  a 32k-token random prompt at the same shape, 8 new tokens, plain and speculative: seconds,
+#                compile time and peak device memory (fails cleanly, recorded, if the prefill does not fit)
 #   trees        the same shape with 15-node trees (15,4,4), batch 1 and 32: τ, nodes verified per round and
 #                tokens/s against plain, where extra verify rows are nearly free (trees_$SHAPE.json)
 #   moe_layer    the MoE layer at V4-Flash expert shapes (256 experts, top-6, I 2048, H 4096; bf16) for 1-256 tokens
 #                and a prefill chunk, every dispatch variant side by side (moe_layer.json)
-#   long_prompt  a 32k-token random prompt at the same shape, 8 new tokens, plain and speculative: seconds,
-#                compile time and peak device memory (fails cleanly, recorded, if the prefill does not fit)
 # CPU dry run (tiny shapes everywhere, timeouts x4):
 #   JAX_PLATFORMS=cpu DEVICE_CHECK_SHAPE=tiny bash benchmarks/device_check.sh
+# A rerun of some stages (a second, shorter call after fixes): DEVICE_CHECK_STAGES="kernel pallas_loop" and a
+# smaller DEVICE_CHECK_BUDGET (seconds).
 set -uo pipefail
 
 OUT=${OUT:-device_out}
@@ -25,7 +32,7 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH=. PYTHONUNBUFFERED=1 HF_H
 if [[ $SHAPE == tiny ]]; then
     SCALE=4 BUDGET=${DEVICE_CHECK_BUDGET:-1400} LONG_PROMPT=${LONG_PROMPT:-768} BATCHES="1 4" MOE_DIV=16
 else
-    SCALE=1 BUDGET=${DEVICE_CHECK_BUDGET:-345} LONG_PROMPT=${LONG_PROMPT:-32768} BATCHES="1 32" MOE_DIV=1
+    SCALE=1 BUDGET=${DEVICE_CHECK_BUDGET:-420} LONG_PROMPT=${LONG_PROMPT:-32768} BATCHES="1 32" MOE_DIV=1
 fi
 mkdir -p "$OUT"
 SUMMARY=$OUT/device_check.json
@@ -41,6 +48,10 @@ write_summary() {
 run_stage() {
     local name=$1 limit=$(($2 * SCALE)) left=$((BUDGET - SECONDS)) status rc start=$SECONDS
     shift 2
+    if [[ -n ${DEVICE_CHECK_STAGES:-} && " $DEVICE_CHECK_STAGES " != *" $name "* ]]; then
+        echo "== $name: not selected"
+        return
+    fi
     if ((left < 20)); then
         RECORDS+=("{\"stage\": \"$name\", \"status\": \"skipped\", \"reason\": \"deadline\"}")
         write_summary
@@ -122,8 +133,16 @@ run_stage pallas_loop 120 env DSPARK_VERIFY_IMPL=pallas python -c "$PALLAS_LOOP"
 
 # bench starts no new stage after --time-budget, so its JSON ends cleanly before the stage's timeout.
 # shellcheck disable=SC2086  # BATCHES is a list of batch sizes
-run_stage bench 170 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --max-new-tokens 128 \
-    --repeats 3 --time-budget $((120 * SCALE)) --out "$OUT/bench_$SHAPE.json"
+run_stage bench 200 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --max-new-tokens 128 \
+    --repeats 3 --time-budget $((150 * SCALE)) --out "$OUT/bench_$SHAPE.json"
+
+run_stage layout 120 python benchmarks/decode_layout.py --shape "$SHAPE" --out "$OUT/layout.json"
+
+run_stage attention 45 python benchmarks/attention_core.py --shape "$SHAPE" \
+    --out "$OUT/attention.json"
+
+run_stage long_prompt 150 python -m dspark_jax.bench --random-shape "$SHAPE" --batch 1 --prompt-len "$LONG_PROMPT" \
+    --max-new-tokens 8 --repeats 1 --copy-mib 64 --no-split --out "$OUT/long_prompt_$SHAPE.json"
 
 # shellcheck disable=SC2086
 run_stage trees 60 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --tree 15,4,4 \
@@ -131,8 +150,5 @@ run_stage trees 60 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $B
 
 run_stage moe_layer 60 python benchmarks/moe_layer.py --width-divisor "$MOE_DIV" --dtype bfloat16 --repeats 3 \
     --max-gib 24 --out "$OUT/moe_layer.json"
-
-run_stage long_prompt 150 python -m dspark_jax.bench --random-shape "$SHAPE" --batch 1 --prompt-len "$LONG_PROMPT" \
-    --max-new-tokens 8 --repeats 1 --copy-mib 64 --no-split --out "$OUT/long_prompt_$SHAPE.json"
 
 cat "$SUMMARY"

@@ -95,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(row)
                 print(json.dumps(row))
                 continue
-            r = one_run(impl, x, router, bias, gate, up, down, k, dtype, args.repeats)
+            try:
+                r = one_run(impl, x, router, bias, gate, up, down, k, dtype, args.repeats)
+            except Exception as err:  # noqa: BLE001 - e.g. XLA:CPU has no bf16 x bf16 -> f32 dot; the rest still run
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                runs.append(row)
+                print(json.dumps(row))
+                continue
             out = np.asarray(r.pop("out"), np.float64)
             if ref is None:
                 ref = out

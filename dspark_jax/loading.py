@@ -59,6 +59,12 @@ def _decode_copy(graphdef: nnx.GraphDef, state: nnx.State, mesh) -> tuple[nnx.Gr
     Elsewhere (and for other layers: Gemma4's, the MoE experts) the model as loaded."""
     if mesh is not None or jax.default_backend() != "cpu":
         return graphdef, state
+    return out_major_parts(graphdef, state)
+
+
+def out_major_parts(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
+    """A copy of the model whose Qwen3-style MLP and attention kernels, LM head (and a DSpark draft's fc and LM head)
+    are out-major (compact where exact); the model itself when it has none of those modules."""
     model = nnx.merge(graphdef, state, copy=True)  # new Variables: the loaded state keeps its kernels
     changed = False
     for _, m in nnx.iter_modules(model):

@@ -6,8 +6,10 @@ Which acceptance rule the decode loop runs is one setting, `VERIFY_IMPL`:
 - "pallas": the Pallas kernel (Triton on GPU, Mosaic on TPU; the interpreter on CPU, slow, for checks only);
 - "auto": pallas_kernels' own choice (the kernel on GPU/TPU, the reference on CPU).
 
-The default stays "reference" until the compiled kernel has passed inside the loop on a device
-(`benchmarks/device_check.sh`), so a scarce device run cannot fail on an untried kernel. The environment variable
+The default stays "reference". The compiled Triton kernel first failed on an H200 (jax 0.11.2; an i1 loop bound
+the device's Triton refused), then, fixed, passed there on 2026-12-04: its tests and the tiny-shape loop, chains
+and 7-node trees, greedy and T = 1 rows, the same tokens as the reference (`benchmarks/device_check.sh`). It becomes
+the GPU default once it is also timed at a full vocabulary, which no device run has done yet. The environment variable
 `DSPARK_VERIFY_IMPL` sets it, read once at import; code may assign `ops.VERIFY_IMPL` before its first `generate`
 call (a compiled loop keeps the rule it was traced with) or pass `impl=` to `accept_chain`.
 """

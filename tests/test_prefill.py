@@ -131,6 +131,22 @@ def _reference_attention(q, k, v, limits, scale):
     return out
 
 
+def test_key_block_per_backend():
+    """CPU: one dense pass up to DENSE_CACHE_MAX slots, then KEY_BLOCK-slot blocks (measured there). Accelerators:
+    blocks as large as ACCEL_SCORE_BYTES of f32 scores allow, never below KEY_BLOCK: a decode / verify pass reads a
+    32k cache in one pass, a 512-row prefill chunk in blocks of 16k."""
+    kb = attention.key_block_for
+    assert kb("cpu", 256, attention.DENSE_CACHE_MAX) == attention.DENSE_CACHE_MAX
+    assert kb("cpu", 256, 32768) == attention.KEY_BLOCK
+    assert kb("gpu", 1 * 32 * 8, 32768) >= 32768  # batch 1, 32 query heads, 8 rows
+    assert kb("gpu", 32 * 32 * 8, 32768) == 32768  # batch 32: 1 GiB of scores exactly
+    assert kb("tpu", 32 * 512, 32768) == 16384  # a 512-row prefill chunk
+    assert kb("gpu", 1 << 30, 32768) == attention.KEY_BLOCK
+    for rows in (3, 100, 5000, 70000):  # a power of two whose scores fit the budget
+        block = kb("gpu", rows, 1 << 20)
+        assert block & (block - 1) == 0 and (block == attention.KEY_BLOCK or 4 * rows * block <= (1 << 30))
+
+
 @pytest.mark.parametrize("t", [1, 8])
 def test_blocked_attention_equals_dense(t):
     """cache_attention over 16-slot blocks (72 slots: the last block overlaps) = the dense pass = numpy, for

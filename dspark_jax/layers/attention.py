@@ -23,13 +23,28 @@ from dspark_jax.layers.params import declare
 from dspark_jax.layers.rope import apply_rope, rope_frequencies
 
 NEG = float(jnp.finfo(jnp.float32).min)
-# Caches longer than DENSE_CACHE_MAX slots are read in key blocks of KEY_BLOCK slots under an online softmax, and
-# only the blocks below the largest visibility limit are read: scores stay [kv_heads, q_rows, KEY_BLOCK] f32 whatever
-# the cache length. Measured on a 2-core CPU (f32, t = 1 / 8 / 256-512 query rows): one dense pass is as fast or
-# faster up to ~2k slots; beyond, 512-slot blocks beat both the dense pass (2-3x with half the cache valid) and
-# 1024-slot blocks on prefill chunks.
+# Long caches are read in key blocks under an online softmax, and only the blocks below the largest visibility limit
+# are read, so the f32 scores stay [b, kv_heads, q_rows, block] whatever the cache length. The block size is
+# measured per backend (`key_block_for`):
+# - CPU (2 cores, f32, t = 1 / 8 / 256-512 query rows): one dense pass is as fast or faster up to DENSE_CACHE_MAX
+#   slots; beyond, KEY_BLOCK-slot blocks beat both the dense pass (2-3x with half the cache valid) and 1024-slot
+#   blocks on prefill chunks.
+# - GPU (H200, bf16, Qwen3-4B heads, 36 layers, 30000 of 32768 slots valid): each block is a loop iteration of
+#   small kernels, so 512-slot blocks took 62 ms for 8 query rows and 31 ms for one, 8192-slot blocks 10.1 / 6.7 ms,
+#   one dense pass 5.5 / 4.9 ms. There blocks are as large as ACCEL_SCORE_BYTES of scores allow (a decode or verify
+#   pass reads its whole cache in one pass; a 512-row prefill chunk of a 32k prompt in two).
 DENSE_CACHE_MAX = 2048
 KEY_BLOCK = 512
+ACCEL_SCORE_BYTES = 1 << 30
+
+
+def key_block_for(backend: str, score_rows: int, cache_len: int) -> int:
+    """Slots per key block for a cache of `cache_len` slots read by `score_rows` (= batch * q_heads * t) query rows;
+    a block of at least `cache_len` means one dense pass."""
+    if backend == "cpu":
+        return cache_len if cache_len <= DENSE_CACHE_MAX else KEY_BLOCK
+    fit = ACCEL_SCORE_BYTES // (4 * score_rows)  # f32 scores
+    return max(KEY_BLOCK, 1 << (fit.bit_length() - 1) if fit else 0)
 
 
 class Partial(NamedTuple):
@@ -107,17 +122,18 @@ def cache_attention(
     """Attention over one layer of a stacked cache: query (b, i) sees slots s < limits[b, i].
 
     qg [b, kv_heads, groups, t, h]; k_all, v_all: [layers, batch, kv_heads, cache_len, head_dim]; limits i32[b, t].
-    Up to DENSE_CACHE_MAX slots (`key_block` when given): one dense pass. Longer: an online softmax over blocks of
-    `key_block` (default KEY_BLOCK) slots in a while loop that visits only the blocks below max(limits), so memory
-    is bounded by the block and a short context in a long cache reads only its own blocks. Blocks are sliced
-    straight from the stacked buffer (no per-layer copy of the cache). Forward only (the loop's trip count is data).
+    Blocks of `key_block` slots (default `key_block_for` this backend); a cache no longer than one block is read in
+    one dense pass. Longer: an online softmax over blocks in a while loop that visits only the blocks below
+    max(limits), so memory is bounded by the block and a short context in a long cache reads only its own blocks.
+    Blocks are sliced straight from the stacked buffer (no per-layer copy of the cache). Forward only (the loop's
+    trip count is data).
     """
     cache_len = k_all.shape[3]
-    if cache_len <= (key_block or DENSE_CACHE_MAX):
+    b, kh, g, t, h = qg.shape
+    key_block = key_block or key_block_for(jax.default_backend(), b * kh * g * t, cache_len)
+    if cache_len <= key_block:
         visible = jnp.arange(cache_len, dtype=jnp.int32) < limits[..., None]  # [b, t, s]
         return partial_attention(qg, k_all[layer], v_all[layer], visible[:, None, None], scale)
-    key_block = key_block or KEY_BLOCK
-    b, kh, g, t, h = qg.shape
     num_blocks = jnp.minimum(-(-jnp.max(limits) // key_block), -(-cache_len // key_block))
 
     def block(j, p):

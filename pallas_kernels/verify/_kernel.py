@@ -179,7 +179,10 @@ def make_kernel(
                 mass = jnp.where(reject, total - jnp.minimum(q, 1.0), 0.0)
                 mass_of.append(mass)
             else:
-                mass = lax.fori_loop(0, jnp.where(reject, n_tiles, 0), mass_body, jnp.float32(0.0))
+                # Typed bounds: with Python ints the Triton lowering made the select an i1, and an scf.for whose
+                # bounds differ in type fails to verify on the device (seen on an H200, jax 0.11.2).
+                trips = jnp.where(reject, jnp.int32(n_tiles), jnp.int32(0))
+                mass = lax.fori_loop(jnp.int32(0), trips, mass_body, jnp.float32(0.0))
             app = reject & (mass > MASS_FLOOR)
             applied.append(app)
             inv_mass.append(jnp.where(app, 1.0 / jnp.where(app, mass, 1.0), 0.0))
