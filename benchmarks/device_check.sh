@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared accelerator run, sized for an H200 lease: under 7 minutes in all. From the repository root:
+# One prepared accelerator run, sized for an H200 lease: under 8 minutes in all, the issue's checks (kernel, bench,
+# long prompt) in the first 5-6. From the repository root:
 #   bash benchmarks/device_check.sh                     (logs and JSON under $OUT, default ./device_out)
 # Stages, in this order; each runs under its own timeout and the overall deadline, and a failed or timed-out
 # stage is recorded and the next one runs. $OUT/device_check.json is rewritten after every stage.
@@ -9,13 +10,15 @@
 #                tokens the same? (pallas_loop.json)
 #   bench        Qwen3-4B shape, random bf16 weights, batch 1 and 32: plain and speculative tokens/s, compile
 #                time, τ, the per-round split, the plain-decode HBM roofline and projections at the paper's τ
+#   long_prompt  a 32k-token random prompt at the same shape, 8 new tokens, plain and speculative: seconds,
+#                compile time and peak device memory (fails cleanly, recorded, if the prefill does not fit)
 #   layout       one-row and few-row products at the same shape with the kernels in-major and out-major, then the
 #                batch-1 loop in each layout: does the layout set plain decoding's speed here? (layout.json)
 #   attention    the package's cache attention against jax.nn.dot_product_attention (XLA, cuDNN) at the same shape:
-#                decode verify reads of a 36-layer cache (2k and 32k slots, batch 1 and 32), ms and errors
-#                (attention.json)
-#   long_prompt  a 32k-token random prompt at the same shape, 8 new tokens, plain and speculative: seconds,
-#                compile time and peak device memory (fails cleanly, recorded, if the prefill does not fit)
+#                verify-shaped reads of a 36-layer cache (2k and 32k slots, batch 1 and 32; a 512-row prefill chunk),
+#                ms and errors (attention.json)
+#   scheduler    the same shape with --verify scheduler, batch 1 and 32, no split: at least 0.95x plain? (issue 10:
+#                its loop compiles five target widths, so it comes after the cheaper checks)
 #   trees        the same shape with 15-node trees (15,4,4), batch 1 and 32: τ, nodes verified per round and
 #                tokens/s against plain, where extra verify rows are nearly free (trees_$SHAPE.json)
 #   moe_layer    the MoE layer at V4-Flash expert shapes (256 experts, top-6, I 2048, H 4096; bf16) for 1-256 tokens
@@ -32,7 +35,7 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONPATH=. PYTHONUNBUFFERED=1 HF_H
 if [[ $SHAPE == tiny ]]; then
     SCALE=4 BUDGET=${DEVICE_CHECK_BUDGET:-1400} LONG_PROMPT=${LONG_PROMPT:-768} BATCHES="1 4" MOE_DIV=16
 else
-    SCALE=1 BUDGET=${DEVICE_CHECK_BUDGET:-420} LONG_PROMPT=${LONG_PROMPT:-32768} BATCHES="1 32" MOE_DIV=1
+    SCALE=1 BUDGET=${DEVICE_CHECK_BUDGET:-480} LONG_PROMPT=${LONG_PROMPT:-32768} BATCHES="1 32" MOE_DIV=1
 fi
 mkdir -p "$OUT"
 SUMMARY=$OUT/device_check.json
@@ -136,13 +139,17 @@ run_stage pallas_loop 120 env DSPARK_VERIFY_IMPL=pallas python -c "$PALLAS_LOOP"
 run_stage bench 200 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --max-new-tokens 128 \
     --repeats 3 --time-budget $((150 * SCALE)) --out "$OUT/bench_$SHAPE.json"
 
+run_stage long_prompt 150 python -m dspark_jax.bench --random-shape "$SHAPE" --batch 1 --prompt-len "$LONG_PROMPT" \
+    --max-new-tokens 8 --repeats 1 --copy-mib 64 --no-split --out "$OUT/long_prompt_$SHAPE.json"
+
 run_stage layout 120 python benchmarks/decode_layout.py --shape "$SHAPE" --out "$OUT/layout.json"
 
 run_stage attention 45 python benchmarks/attention_core.py --shape "$SHAPE" \
     --out "$OUT/attention.json"
 
-run_stage long_prompt 150 python -m dspark_jax.bench --random-shape "$SHAPE" --batch 1 --prompt-len "$LONG_PROMPT" \
-    --max-new-tokens 8 --repeats 1 --copy-mib 64 --no-split --out "$OUT/long_prompt_$SHAPE.json"
+# shellcheck disable=SC2086
+run_stage scheduler 150 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --verify scheduler \
+    --max-new-tokens 64 --repeats 2 --no-split --time-budget $((110 * SCALE)) --out "$OUT/scheduler_$SHAPE.json"
 
 # shellcheck disable=SC2086
 run_stage trees 60 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --tree 15,4,4 \
