@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax.bench import error_line
+from dspark_jax.decoding.pieces import median_seconds
 from dspark_jax.layers.attention import DENSE_CACHE_MAX, cache_attention, finish, group_queries
 
 SHAPES = {  # q_heads, kv_heads, head_dim, layers; cases: (batch, t, cache_len, valid)
@@ -94,26 +95,19 @@ def build(variant: str, layers: int, t: int, valid: int, scale: float):
 
 def time_variant(variant, q, k_all, v_all, layers, t, valid, repeats) -> tuple[dict, np.ndarray | None]:
     """Compile, run once (the output, to compare), time `repeats` calls; the error instead when it fails."""
-    scale = q.shape[-1] ** -0.5
-    if not variant.startswith(
-        "dspark"
-    ):  # the layout jax.nn.dot_product_attention takes: [layers, b, slots, kv_heads, h]
+    ours = variant.startswith("dspark")
+    if not ours:  # the layout jax.nn.dot_product_attention takes: [layers, b, slots, kv_heads, h]
         k_all, v_all = jnp.swapaxes(k_all, 2, 3), jnp.swapaxes(v_all, 2, 3)
-    fn = build(variant, layers, t, valid, scale)
+    fn = build(variant, layers, t, valid, q.shape[-1] ** -0.5)
     try:
         start = time.perf_counter()
         compiled = fn.lower(q, k_all, v_all).compile()
         compile_s = time.perf_counter() - start
         out = np.asarray(compiled(q, k_all, v_all))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            compiled(q, k_all, v_all).block_until_ready()
-            times.append(time.perf_counter() - start)
+        ms = median_seconds(compiled, lambda: (q, k_all, v_all), repeats) * 1e3
     except Exception as e:  # noqa: BLE001 - a variant this backend lacks is recorded, the others still run
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}, None
-    ms = statistics.median(times) * 1e3
-    kv_heads = k_all.shape[2 if variant.startswith("dspark") else 3]
+        return {"error": error_line(e)}, None
+    kv_heads = k_all.shape[2 if ours else 3]
     valid_bytes = 2 * layers * q.shape[0] * kv_heads * valid * q.shape[-1] * q.dtype.itemsize  # K and V, read once
     return {"ms": ms, "compile_s": compile_s, "valid_cache_gb_per_s": valid_bytes / (ms * 1e-3) / 1e9}, out
 
@@ -152,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         cache = (layers, batch, kh, cache_len, h)
         k_all, v_all = (jax.random.normal(key, cache, dtype).at[..., valid:, :].set(30.0) for key in (kk, kv))
         ref = None  # the first variant that ran (dspark unless it failed or was left out)
-        blocks = [f"dspark@{n}" for n in args.key_blocks if cache_len > DENSE_CACHE_MAX and "dspark" in args.variants]
+        long_cache = cache_len > DENSE_CACHE_MAX and "dspark" in args.variants
+        blocks = [f"dspark@{size}" for size in args.key_blocks] if long_cache else []
         for variant in args.variants + blocks:
             entry, out = time_variant(variant, q, k_all, v_all, layers, t, valid, args.repeats)
             if out is not None and ref is None:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax import bench
+from dspark_jax.decoding.pieces import median_seconds
 from dspark_jax.loading import out_major_parts
 
 ROWS = (1, 8, 32, 256)
@@ -66,12 +67,7 @@ def time_call(fn, *args, repeats: int) -> tuple[float, float]:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+    return first, median_seconds(fn, lambda: args, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,7 @@ for tree, suffix in ((None, ""), ("7,2,2", "_tree")):
             report["runs"][impl + suffix] = {"tokens": first.tokens, "tau": first.tau, "first_call_s": warm,
                                              "run_s": again.seconds, "deterministic": again.tokens == first.tokens}
         except Exception as e:  # recorded; the other implementation still runs
-            report["runs"][impl + suffix] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            report["runs"][impl + suffix] = {"error": bench.error_line(e)}
         json.dump(report, open(path, "w"), indent=1)
 same = []
 for suffix in ("", "_tree"):

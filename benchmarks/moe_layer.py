@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax.bench import error_line
 from dspark_jax.layers.moe import experts_ffn, route
 
 V4_FLASH = dict(num_experts=256, top_k=6, ffw=2048, hidden=4096)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r = one_run(impl, x, router, bias, gate, up, down, k, dtype, args.repeats)
             except Exception as err:  # noqa: BLE001 - e.g. XLA:CPU has no bf16 x bf16 -> f32 dot; the rest still run
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                row["error"] = error_line(err)
                 runs.append(row)
                 print(json.dumps(row))
                 continue

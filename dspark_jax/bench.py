@@ -252,6 +252,11 @@ def _state_bytes(state) -> int:
 # ------------------------------------------------------------------------------------------------ measurements
 
 
+def error_line(e: BaseException) -> str:
+    """An exception as one short line for a report: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
 def copy_bandwidth(nbytes: int, iters: int = 10) -> dict:
     """Device memory bandwidth from an elementwise pass over a big array (reads and writes `nbytes` each)."""
     import jax
@@ -494,7 +499,7 @@ def run(args, log=print, argv: list[str] | None = None, mesh=None) -> dict:
         try:
             value = fn()
         except Exception as e:  # noqa: BLE001 - a benchmark records a failed stage and goes on
-            report["errors"].append({"stage": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            report["errors"].append({"stage": name, "error": error_line(e)})
             log(f"error in {name}: {type(e).__name__}: {str(e)[:200]}")
             value = None
         seconds = time.perf_counter() - t0

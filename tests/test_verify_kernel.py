@@ -472,9 +472,12 @@ def test_triton_lowering_from_cpu(onehot, monkeypatch):
     from jax._src.pallas.triton import lowering  # private: the module object, which as_text() only embeds
 
     modules, lower = [], lowering.lower_jaxpr_to_triton_module
-    monkeypatch.setattr(
-        lowering, "lower_jaxpr_to_triton_module", lambda *a, **k: modules.append(lower(*a, **k)) or modules[-1]
-    )
+
+    def keep(*args, **kwargs):
+        modules.append(lower(*args, **kwargs))
+        return modules[-1]
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", keep)
     block, warps, stages = gpu_config(_BIG["vocab"])
     fn = functools.partial(verify_gpu, block_v=block, num_warps=warps, num_stages=stages)
     avals = list(_big_avals(**_BIG))
