@@ -23,12 +23,14 @@ verify pass) a compact kernel stays isolated: 20 such kernels took 15.7 / 31.3 m
 kernel is hoisted out of the loop by XLA, so every call of the loop widened all 42 target kernels up front (~90 ms at
 batch 16, paid even when the scheduler never drafts). From 256 rows on the dot is faster (54 against 78 ms).
 
-A bf16 model (bf16 activations and kernels) takes the same widened products from 2 rows on. Measured on a 2-core
-AVX-512 EPYC (Zen 5), the 43 products of the embedded target's shape in a loop: 2 / 8 / 32 rows took 2.7 / 3.2 /
-6.8 ms widened against 4.8 / 9.9-12.0 / 30.7 ms with bf16 activations in the [rows, out, in] order (5.8 / 9.3 ms at
-8 / 32 rows for the bf16 dot); 128 and 256 rows were even (17-18, 30 ms); one row took 2.1-2.7 ms as the bf16 dot
-against 2.6-3.2 widened. Before, a bf16 model's 8-row verify pass was 3.7x its f32 twin's and made speculation on
-CPU slower than plain decoding (0.73x).
+A bf16 model (bf16 activations and kernels) isolates the f32 kernels' row counts (2-32), in the compact kernels'
+[out, rows, in] order. Measured on a 2-core AVX-512 EPYC (Zen 5), the 43 products of the embedded target's shape in
+a loop: 2 / 8 / 32 rows took 2.7 / 3.2 / 6.8 ms so, against 4.8 / 9.9-12.0 / 30.7 ms in the [rows, out, in] order
+it took before (and 4.9 / 5.8 / 9.3 ms as the bf16 dot); one row took 2.1-2.7 ms as the bf16 dot against 2.6-3.2
+widened, and 64 / 128 rows were even (10.5 / 17 ms), so those keep the dot. The embedded pair in bf16, held-out
+prompts, in one process with the two orders alternating: plain decoding 1.09 / 1.21 / 1.92x faster at batch 1 / 4 /
+16, speculative 1.87 / 2.47 / 1.10x (before, speculation ran at 0.47x plain at batch 4, and at 0.73x on the main
+prompt at batch 1).
 """
 
 from __future__ import annotations
@@ -70,22 +72,21 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
 
     The result has `preferred_element_type` (default x's dtype); w may be narrower than x (a `compact` kernel) and
     is widened to x's dtype. In-major is a plain einsum. Out-major on CPU with 2-32 rows (the product of x's leading
-    dims; 1-128 for a 16-bit kernel, 2-128 when x is 16-bit too) and a kernel of at least ROW_PRODUCT_MIN_SIZE
-    elements is the isolated multiply-reduce described above, in f32; otherwise an einsum over w's minor axis.
+    dims; 1-128 for a compact kernel) and a kernel of at least ROW_PRODUCT_MIN_SIZE elements is the isolated
+    multiply-reduce described above, in f32; otherwise an einsum over w's minor axis.
     """
     out_dtype = preferred_element_type or x.dtype
     if not out_major:
         return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
     rows = math.prod(x.shape[:-1])
-    narrow = w.dtype.itemsize < 4  # a 16-bit kernel (`compact`, or a bf16 model's): widened inside the product
+    narrow = w.dtype.itemsize < x.dtype.itemsize  # a `compact` kernel under wider activations
     low, high = COMPACT_PRODUCT_ROWS if narrow else ROW_PRODUCT_ROWS
-    if narrow and x.dtype == w.dtype:
-        low = 2  # one row of a bf16 model: the bf16 dot was faster (module docstring)
     isolate = low <= rows <= high and w.size >= ROW_PRODUCT_MIN_SIZE
     if jax.default_backend() != "cpu" or not isolate:
         return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
     x2 = x.reshape(rows, x.shape[-1])
-    product = _column_product if narrow and rows > 1 else _row_product
+    # A 16-bit kernel (`compact`, or a bf16 model's) wants the [out, rows, in] order from two rows on.
+    product = _column_product if w.dtype.itemsize < 4 and rows > 1 else _row_product
     # Both branches are the same product: the predicate only has to be data (never folded), its value is irrelevant.
     y = jax.lax.cond(x2[0, 0] > 0, product, product, x2, w)
     return y.astype(out_dtype).reshape(*x.shape[:-1], w.shape[0])
