@@ -24,13 +24,13 @@ kernel is hoisted out of the loop by XLA, so every call of the loop widened all 
 batch 16, paid even when the scheduler never drafts). From 256 rows on the dot is faster (54 against 78 ms).
 
 A bf16 model (bf16 activations and kernels) isolates the f32 kernels' row counts (2-32), in the compact kernels'
-[out, rows, in] order. Measured on a 2-core AVX-512 EPYC (Zen 5), the 43 products of the embedded target's shape in
-a loop: 2 / 8 / 32 rows took 2.7 / 3.2 / 6.8 ms so, against 4.8 / 9.9-12.0 / 30.7 ms in the [rows, out, in] order
-it took before (and 4.9 / 5.8 / 9.3 ms as the bf16 dot); one row took 2.1-2.7 ms as the bf16 dot against 2.6-3.2
-widened, and 64 / 128 rows were even (10.5 / 17 ms), so those keep the dot. The embedded pair in bf16, held-out
-prompts, in one process with the two orders alternating: plain decoding 1.09 / 1.21 / 1.92x faster at batch 1 / 4 /
-16, speculative 1.87 / 2.47 / 1.10x (before, speculation ran at 0.47x plain at batch 4, and at 0.73x on the main
-prompt at batch 1).
+[out, rows, in] order. Measured on a 2-core AVX-512 EPYC (Zen 5), the 43 products of the embedded target's shape in a
+loop: 2 / 8 / 32 rows took 2.7 / 3.2 / 6.8 ms in that order, against 4.8 / 9.9-12.0 / 30.7 ms in the [rows, out, in]
+order they took before (and 4.9 / 5.8 / 9.3 ms as the bf16 dot); one row took 2.1-2.7 ms as the bf16 dot against 2.6-3.2
+widened, and 64 / 128 rows were even (10.5 / 17 ms), so those keep the dot. The embedded pair in bf16, held-out prompts,
+in one process with the two orders alternating: plain decoding 1.09 / 1.21 / 1.92x faster at batch 1 / 4 / 16,
+speculative 1.87 / 2.47 / 1.10x (before, speculation ran at 0.47x plain at batch 4, and at 0.73x on the main prompt at
+batch 1).
 """
 
 from __future__ import annotations
