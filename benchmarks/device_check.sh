@@ -10,6 +10,11 @@
 #                tokens the same? (pallas_loop.json)
 #   bench        Qwen3-4B shape, random bf16 weights, batch 1 and 32: plain and speculative tokens/s, compile
 #                time, τ, the per-round split, the plain-decode HBM roofline and projections at the paper's τ
+#   gpu_step     where plain decoding's step goes: one-row and 8-row products as dots and multiply-reduces, 7 or 4
+#                kernels a layer; the batch-1 loop with each product form; a kernel profile of the plain step
+#                (gpu_step.json); then gpu_step_{triton_off,cmdbuf_off,cmdbuf_while}: the products and plain loop
+#                again under one XLA flag set each (cuBLAS for every dot; no command buffers; while loops and
+#                conditionals inside command buffers)
 #   long_prompt  a 32k-token random prompt at the same shape, 8 new tokens, plain and speculative: seconds,
 #                compile time and peak device memory (fails cleanly, recorded, if the prefill does not fit)
 #   layout       one-row and few-row products at the same shape with the kernels in-major and out-major, then the
@@ -138,6 +143,13 @@ run_stage pallas_loop 120 env DSPARK_VERIFY_IMPL=pallas python -c "$PALLAS_LOOP"
 # shellcheck disable=SC2086  # BATCHES is a list of batch sizes
 run_stage bench 200 python -m dspark_jax.bench --random-shape "$SHAPE" --batch $BATCHES --max-new-tokens 128 \
     --repeats 3 --time-budget $((150 * SCALE)) --out "$OUT/bench_$SHAPE.json"
+
+run_stage gpu_step 170 python benchmarks/gpu_step.py --shape "$SHAPE" --out "$OUT/gpu_step.json"
+for flags in "triton_off --xla_gpu_enable_triton_gemm=false" "cmdbuf_off --xla_gpu_enable_command_buffer=" \
+    "cmdbuf_while --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
+    run_stage "gpu_step_${flags%% *}" 70 env XLA_FLAGS="${flags#* }" python benchmarks/gpu_step.py --shape "$SHAPE" \
+        --quick --out "$OUT/gpu_step_${flags%% *}.json"
+done
 
 run_stage long_prompt 150 python -m dspark_jax.bench --random-shape "$SHAPE" --batch 1 --prompt-len "$LONG_PROMPT" \
     --max-new-tokens 8 --repeats 1 --copy-mib 64 --no-split --out "$OUT/long_prompt_$SHAPE.json"

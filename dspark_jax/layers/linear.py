@@ -45,6 +45,9 @@ COMPACT_PRODUCT_ROWS = (1, 128)  # ... for a compact kernel, which a dot would n
 # ... for kernels of at least this many elements (256 KiB in f32): smaller ones stay in cache, where the dot is fast,
 # and each isolated product is a conditional more to compile (the test suite's tiny models would pay for nothing).
 ROW_PRODUCT_MIN_SIZE = 64 * 1024
+# Accelerator row counts that take a plain multiply-reduce instead of the dot (in either layout): empty until measured
+# on a device (benchmarks/gpu_step.py compares both); (1, 1) would be the one-row step of plain decoding.
+ACCEL_REDUCE_ROWS = (1, 0)
 
 
 def _row_product(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -56,6 +59,11 @@ def _column_product(x: jax.Array, w: jax.Array) -> jax.Array:
     """The same product reduced in [n, m, k] order, then transposed: for a bf16 kernel the faster order from 2 rows
     on (and 30x slower at one row)."""
     return jnp.sum(w[:, None, :].astype(jnp.float32) * x[None, :, :].astype(jnp.float32), axis=-1).T
+
+
+def _in_major_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [m, k], w [k, n] -> f32[m, n] as one multiply + reduce over k (w's major axis: a column reduction)."""
+    return jnp.sum(w[None, :, :].astype(jnp.float32) * x[:, :, None].astype(jnp.float32), axis=1)
 
 
 def compact(w: jax.Array) -> jax.Array:
@@ -76,9 +84,15 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
     multiply-reduce described above, in f32; otherwise an einsum over w's minor axis.
     """
     out_dtype = preferred_element_type or x.dtype
+    rows = math.prod(x.shape[:-1])
+    if jax.default_backend() != "cpu":
+        low, high = ACCEL_REDUCE_ROWS
+        if low <= rows <= high and w.size >= ROW_PRODUCT_MIN_SIZE:
+            x2 = x.reshape(rows, x.shape[-1])
+            y = _row_product(x2, w) if out_major else _in_major_product(x2, w)
+            return y.astype(out_dtype).reshape(*x.shape[:-1], w.shape[0] if out_major else w.shape[1])
     if not out_major:
         return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
-    rows = math.prod(x.shape[:-1])
     narrow = w.dtype.itemsize < x.dtype.itemsize  # a `compact` kernel under wider activations
     low, high = COMPACT_PRODUCT_ROWS if narrow else ROW_PRODUCT_ROWS
     isolate = low <= rows <= high and w.size >= ROW_PRODUCT_MIN_SIZE
