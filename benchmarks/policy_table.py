@@ -53,12 +53,15 @@ def batch_prompts(args, batch: int) -> list[list[int]]:
     return prompts
 
 
-def row(times: dict, sampled: bool) -> dict:
+def row(times: dict, sampled: bool, exact: bool = True) -> dict:
+    """Ratios to plain decoding. `exact` (float32): greedy tokens must equal plain's. In bf16 a one-row and an
+    eight-row pass round their sums differently and a near-tie can flip, so there the share of equal rows is
+    reported."""
     plain_s, plain_best, plain = times["plain"]
     out = {"plain_tokens_per_s": plain.new_tokens / plain_s}
     for name, (seconds, best, result) in times.items():
         if name != "plain":
-            assert sampled or result.tokens == plain.tokens, f"{name} is not lossless"
+            assert sampled or not exact or result.tokens == plain.tokens, f"{name} is not lossless"
             out[name] = {
                 "tokens_per_s": result.new_tokens / seconds,
                 "speedup": (result.new_tokens / seconds) / out["plain_tokens_per_s"],
@@ -67,6 +70,7 @@ def row(times: dict, sampled: bool) -> dict:
                 "mean_verified": statistics.fmean(k for q in result.proposal_lengths for k in q),
                 # Rounds that ran the draft (a skipped round records zero confidences): the scheduler's gate at work.
                 "drafting_share": statistics.fmean(any(z) for q in result.confidence_logits for z in q),
+                "rows_equal_to_plain": statistics.fmean(a == b for a, b in zip(result.tokens, plain.tokens)),
             }
     return out
 
@@ -94,11 +98,13 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out")
     args = p.parse_args()
-    target = dj.load_target(args.target or DEFAULT_TARGET, dtype="float32")
+    target = dj.load_target(args.target or DEFAULT_TARGET, dtype=args.dtype)
     draft = dj.load_draft(args.draft or DEFAULT_DRAFT, target=target)
     report = {"machine": machine(), "args": vars(args), "rows": []}
+    exact = args.dtype == "float32"
 
     def save():
         if args.out:
@@ -107,7 +113,8 @@ def main() -> None:
 
     if args.per_prompt:
         for i, prompt in enumerate(load_prompts(args.data, args.per_prompt, args.prompt_len, args.seed)):
-            r = {"prompt": i, **row(timed_modes(target, draft, [prompt], args.policies, args), args.temperature > 0)}
+            times = timed_modes(target, draft, [prompt], args.policies, args)
+            r = {"prompt": i, **row(times, args.temperature > 0, exact)}
             report["rows"].append(r)
             print(json.dumps(r), flush=True)
             save()
@@ -118,7 +125,8 @@ def main() -> None:
             print(name, "mean", round(statistics.fmean(speedups), 3), "median", round(statistics.median(speedups), 3))
     for batch in [] if args.per_prompt else args.batch:
         prompts = batch_prompts(args, batch)
-        r = {"batch": batch, **row(timed_modes(target, draft, prompts, args.policies, args), args.temperature > 0)}
+        times = timed_modes(target, draft, prompts, args.policies, args)
+        r = {"batch": batch, **row(times, args.temperature > 0, exact)}
         report["rows"].append(r)
         print(json.dumps(r), flush=True)
         save()

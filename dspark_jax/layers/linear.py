@@ -23,14 +23,15 @@ verify pass) a compact kernel stays isolated: 20 such kernels took 15.7 / 31.3 m
 kernel is hoisted out of the loop by XLA, so every call of the loop widened all 42 target kernels up front (~90 ms at
 batch 16, paid even when the scheduler never drafts). From 256 rows on the dot is faster (54 against 78 ms).
 
-A bf16 model (bf16 activations and kernels) isolates the f32 kernels' row counts (2-32), in the compact kernels'
-[out, rows, in] order. Measured on a 2-core AVX-512 EPYC (Zen 5), the 43 products of the embedded target's shape in a
-loop: 2 / 8 / 32 rows took 2.7 / 3.2 / 6.8 ms in that order, against 4.8 / 9.9-12.0 / 30.7 ms in the [rows, out, in]
-order they took before (and 4.9 / 5.8 / 9.3 ms as the bf16 dot); one row took 2.1-2.7 ms as the bf16 dot against 2.6-3.2
-widened, and 64 / 128 rows were even (10.5 / 17 ms), so those keep the dot. The embedded pair in bf16, held-out prompts,
-in one process with the two orders alternating: plain decoding 1.09 / 1.21 / 1.92x faster at batch 1 / 4 / 16,
-speculative 1.87 / 2.47 / 1.10x (before, speculation ran at 0.47x plain at batch 4, and at 0.73x on the main prompt at
-batch 1).
+A bf16 model (bf16 activations and kernels) isolates the compact kernels' row counts (1-128), in their orders.
+Measured on a 2-core AVX-512 EPYC (Zen 5), the 43 products of the embedded target's shape in a loop: 2 / 8 / 32 rows
+took 2.7 / 3.2 / 6.8 ms in the [out, rows, in] order against 4.8 / 9.9-12.0 / 30.7 ms in the [rows, out, in] order
+(and 4.9 / 5.8 / 9.3 ms as the bf16 dot). One row and 33-128 rows first kept the bf16 dot (even with the widened
+product in that loop), but a bf16 dot XLA:CPU may run in f32 on widened kernels, and the widening of a loop-invariant
+kernel is hoisted out of the loop: inside the scheduler's nested loops every target kernel was widened and copied on
+every call (its plain round cost 5.9 ms against 3.7 for a plain step; its width-8 round 8.1 ms against 6.3 for the
+same round of `full`). Isolated, the embedded pair in bf16 at batch 1: plain step 3.07 ms, `full` round 5.84,
+scheduler round 5.92 (benchmarks/RESULTS.md, 2026-12-04 session 18).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 ROW_PRODUCT_ROWS = (2, 32)  # CPU row counts that take the isolated multiply-reduce (measured above)
-COMPACT_PRODUCT_ROWS = (1, 128)  # ... for a compact kernel, which a dot would need widened first (above)
+COMPACT_PRODUCT_ROWS = (1, 128)  # ... for a 16-bit kernel, which a dot may need widened first (above)
 # ... for kernels of at least this many elements (256 KiB in f32): smaller ones stay in cache, where the dot is fast,
 # and each isolated product is a conditional more to compile (the test suite's tiny models would pay for nothing).
 ROW_PRODUCT_MIN_SIZE = 64 * 1024
@@ -80,7 +81,7 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
 
     The result has `preferred_element_type` (default x's dtype); w may be narrower than x (a `compact` kernel) and
     is widened to x's dtype. In-major is a plain einsum. Out-major on CPU with 2-32 rows (the product of x's leading
-    dims; 1-128 for a compact kernel) and a kernel of at least ROW_PRODUCT_MIN_SIZE elements is the isolated
+    dims; 1-128 for a 16-bit kernel) and a kernel of at least ROW_PRODUCT_MIN_SIZE elements is the isolated
     multiply-reduce described above, in f32; otherwise an einsum over w's minor axis.
     """
     out_dtype = preferred_element_type or x.dtype
@@ -93,7 +94,7 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
             return y.astype(out_dtype).reshape(*x.shape[:-1], w.shape[0] if out_major else w.shape[1])
     if not out_major:
         return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
-    narrow = w.dtype.itemsize < x.dtype.itemsize  # a `compact` kernel under wider activations
+    narrow = w.dtype.itemsize < 4  # a 16-bit kernel: `compact` under f32 activations, or a bf16 model's
     low, high = COMPACT_PRODUCT_ROWS if narrow else ROW_PRODUCT_ROWS
     isolate = low <= rows <= high and w.size >= ROW_PRODUCT_MIN_SIZE
     if jax.default_backend() != "cpu" or not isolate:
@@ -104,6 +105,17 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
     # Both branches are the same product: the predicate only has to be data (never folded), its value is irrelevant.
     y = jax.lax.cond(x2[0, 0] > 0, product, product, x2, w)
     return y.astype(out_dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids] along axis 0, in the table's dtype. A 16-bit table is gathered as its bits: XLA:CPU gathers a bf16
+    table through an f32 copy of the whole table, a loop-invariant convert that it hoists out of the decode loop and
+    pays on every call (the embedding and the Markov head's E1 of the embedded pair: 2.1 M elements each, in every
+    loop; benchmarks/RESULTS.md, 2026-12-04 session 18)."""
+    if table.dtype.itemsize != 2:
+        return jnp.take(table, ids, axis=0)
+    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.take(bits, ids, axis=0), table.dtype)
 
 
 def out_major(w: jax.Array, in_axes: int) -> jax.Array:

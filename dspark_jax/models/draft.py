@@ -13,7 +13,7 @@ from flax import nnx
 from dspark_jax.cache import KVCache, write_layer
 from dspark_jax.configs import DraftConfig
 from dspark_jax.layers.attention import cached_context, dense_context
-from dspark_jax.layers.linear import compact, dense, out_major
+from dspark_jax.layers.linear import compact, dense, out_major, take_rows
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import Frozen, declare
 from dspark_jax.models.gemma4 import Gemma4DecoderLayer, Gemma4RMSNorm, embed_scale, soft_cap
@@ -116,7 +116,7 @@ class Draft(nnx.Module):
         keys. Returns h [batch, t, hidden] after the final norm.
         """
         c = self.config.model
-        z = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        z = take_rows(self.embed_tokens[...], tokens)
         if self.config.gemma4 is not None:  # x sqrt(hidden), in the table's dtype like the target (spec §4.2)
             z = z * embed_scale(c.hidden_size, c.param_dtype)
         z = z.astype(c.dtype)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.layers.linear import take_rows
 from dspark_jax.layers.params import declare
 
 
@@ -41,7 +42,7 @@ class MarkovHead(nnx.Module):
 
     def embed_prev(self, prev_tokens: jax.Array) -> jax.Array:
         """i32[...] -> f32[..., rank]: the E1 row of each previous token."""
-        return jnp.take(self.markov_w1[...], prev_tokens, axis=0).astype(jnp.float32)
+        return take_rows(self.markov_w1[...], prev_tokens).astype(jnp.float32)
 
     def init_state(self, batch_shape: tuple[int, ...]) -> jax.Array:
         """The RNN state s_{-1} = 0 (f32[..., rank]); unused by the other kinds but carried uniformly."""

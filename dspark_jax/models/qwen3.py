@@ -9,7 +9,7 @@ from flax import nnx
 from dspark_jax.cache import KVCache
 from dspark_jax.configs import Qwen3Config
 from dspark_jax.layers.attention import Attention
-from dspark_jax.layers.linear import compact, dense, out_major
+from dspark_jax.layers.linear import compact, dense, out_major, take_rows
 from dspark_jax.layers.mlp import MLP
 from dspark_jax.layers.norms import RMSNorm
 from dspark_jax.layers.params import declare
@@ -70,7 +70,7 @@ class Qwen3(nnx.Module):
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """i32[batch, t] -> [batch, t, hidden] in the compute dtype."""
-        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.dtype)
+        return take_rows(self.embed_tokens[...], tokens).astype(self.config.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden [..., hidden] -> f32[..., vocab]."""
