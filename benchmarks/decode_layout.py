@@ -70,12 +70,18 @@ def time_call(fn, *args, repeats: int) -> tuple[float, float]:
     return first, median_seconds(fn, lambda: args, repeats)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options this script shares with gpu_step.py: shape, chain layers, repeats, new tokens."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--shape", choices=sorted(bench.RANDOM_SHAPES), default="qwen3-4b")
     p.add_argument("--layers", type=int, default=12, help="layers in the product chain")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = shape_arguments(__doc__.splitlines()[0])
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--out", default="decode_layout.json")
     args = p.parse_args(argv)

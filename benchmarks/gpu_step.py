@@ -24,7 +24,6 @@ Prints and writes one JSON object, rewritten after every measurement.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import json
@@ -35,6 +34,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from decode_layout import shape_arguments, time_call  # a sibling script: benchmarks/ is on sys.path
 
 from dspark_jax import bench
 from dspark_jax.decoding.pieces import median_seconds
@@ -81,14 +81,6 @@ def product_chain(layers: int, hidden: int, q: int, kv: int, ffw: int, dtype, fu
         return x
 
     return chain, weights
-
-
-def timed(fn, args, repeats: int) -> tuple[float, float]:
-    """(compile + first call seconds, median seconds of `repeats` calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    return first, median_seconds(fn, lambda: args, repeats)
 
 
 def read_bandwidth(nbytes: int, repeats: int) -> dict:
@@ -143,11 +135,7 @@ def profile_summary(trace_dir: str, steps: int, top: int = 15) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=sorted(bench.RANDOM_SHAPES), default="qwen3-4b")
-    p.add_argument("--layers", type=int, default=12, help="layers in the product chain")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p = shape_arguments(__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="seven-kernel products and the plain loop only, no profile")
     p.add_argument("--out", default="gpu_step.json")
     args = p.parse_args(argv)
@@ -173,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = sum(w.nbytes for layer in weights for w in layer.values())
             for rows in ROWS:
                 x = jax.random.normal(jax.random.key(rows), (rows, hidden), jnp.bfloat16)
-                first, med = timed(chain, (x, weights), args.repeats)
+                first, med = time_call(chain, x, weights, repeats=args.repeats)
                 row = {"kernels": "fused" if fused else "seven", "form": "reduce" if reduce else "dot", "rows": rows}
                 row |= {"ms": med * 1e3, "weights_gb_per_s": nbytes / med / 1e9, "first_call_s": first}
                 report["products"].append(row)
