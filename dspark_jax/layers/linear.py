@@ -82,7 +82,8 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
     The result has `preferred_element_type` (default x's dtype); w may be narrower than x (a `compact` kernel) and
     is widened to x's dtype. In-major is a plain einsum. Out-major on CPU with 2-32 rows (the product of x's leading
     dims; 1-128 for a 16-bit kernel) and a kernel of at least ROW_PRODUCT_MIN_SIZE elements is the isolated
-    multiply-reduce described above, in f32; otherwise an einsum over w's minor axis.
+    multiply-reduce described above, in f32; otherwise an einsum over w's minor axis. On an accelerator, row counts
+    within ACCEL_REDUCE_ROWS (none by default) take a plain multiply-reduce in either layout.
     """
     out_dtype = preferred_element_type or x.dtype
     rows = math.prod(x.shape[:-1])
