@@ -19,6 +19,7 @@ from dspark_jax.layers.linear import (
     compact,
     dense,
     out_major,
+    take_rows,
 )
 from dspark_jax.loading import _decode_copy
 
@@ -47,6 +48,18 @@ def test_compact_kernel_gives_the_same_products(rows):
     got = dense(x, packed, True)
     assert got.dtype == jnp.float32
     assert rel_err(np.asarray(got), np.asarray(x @ w)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_take_rows_gathers_without_widening_the_table(dtype):
+    """take_rows = table[ids] bit for bit; a bf16 table's rows are gathered as bits, so the compiled lookup-and-cast
+    holds no f32 copy of the whole table (XLA:CPU widened it, and hoisted that out of the decode loop)."""
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.standard_normal((512, 96)), dtype)
+    ids = jnp.asarray([[3, 511, 0], [7, 7, 100]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(take_rows(table, ids).astype(jnp.float32)), np.asarray(table)[ids])
+    hlo = jax.jit(lambda t, i: take_rows(t, i).astype(jnp.float32)).lower(table, ids).compile().as_text()
+    assert dtype == "float32" or "f32[512,96]" not in hlo
 
 
 def test_compact_keeps_what_bf16_cannot_hold():
