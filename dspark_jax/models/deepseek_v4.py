@@ -13,6 +13,7 @@ from flax import nnx
 
 from dspark_jax.cache import DeepseekV4Cache
 from dspark_jax.configs import DeepseekV4Config
+from dspark_jax.layers.linear import take_rows
 from dspark_jax.layers.mhc import HyperConnection, HyperHead
 from dspark_jax.layers.moe import MoE
 from dspark_jax.layers.params import declare
@@ -134,7 +135,7 @@ class DeepseekV4(nnx.Module):
         c = self.config
         b, t = tokens.shape
         layer_caches = (self.init_cache(b, t) if cache is None else cache).layers
-        e = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
+        e = take_rows(self.embed[...], tokens).astype(c.dtype)
         streams = jnp.broadcast_to(e[:, :, None, :], (b, t, c.hc_mult, c.hidden_size))
         outputs = {-1: e}
         wanted = set(tap_layer_ids)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.configs.deepseek_v4_draft import DeepseekV4DraftConfig
+from dspark_jax.layers.linear import take_rows
 from dspark_jax.layers.mhc import HyperConnection, HyperHead
 from dspark_jax.layers.norms import rms_normalize
 from dspark_jax.layers.params import Frozen, declare
@@ -181,7 +182,7 @@ class DeepseekV4Draft(nnx.Module):
         """tokens / positions i32[b, B]; contexts: per stage (keys [b, C, head_dim], mask bool[b, C]).
         Returns h~ = hc_head(X) [b, B, hidden] (pre-norm)."""
         c = self.config.model
-        e = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
+        e = take_rows(self.embed[...], tokens).astype(c.dtype)
         streams = jnp.broadcast_to(e[:, :, None, :], (*tokens.shape, c.hc_mult, c.hidden_size))
         for stage, (keys, mask) in zip(self.mtp, contexts):
             streams = self.stage_forward(stage, streams, positions, keys, mask)

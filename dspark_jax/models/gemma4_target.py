@@ -26,6 +26,7 @@ from dspark_jax.layers.attention import (
     heads_major,
     partial_attention,
 )
+from dspark_jax.layers.linear import take_rows
 from dspark_jax.layers.params import declare
 from dspark_jax.models.gemma4 import Gemma4Attention, Gemma4MLP, Gemma4RMSNorm, LayerScalar, embed_scale, soft_cap
 
@@ -156,7 +157,7 @@ class Gemma4(nnx.Module):
         """i32[batch, t] -> [batch, t, hidden] in the compute dtype, x sqrt(hidden) rounded to the table's dtype
         (spec §4.1: tap -1 is this scaled output)."""
         c = self.config
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        x = take_rows(self.embed_tokens[...], tokens)
         return (x * embed_scale(c.hidden_size, c.param_dtype)).astype(c.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
