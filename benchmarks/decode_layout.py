@@ -28,17 +28,25 @@ import jax.numpy as jnp
 
 from dspark_jax import bench
 from dspark_jax.decoding.pieces import median_seconds
+from dspark_jax.layers import linear
 from dspark_jax.loading import out_major_parts
 
 ROWS = (1, 8, 32, 256)
 LAYOUTS = ("in-major", "out-major")
 
 
-def product_chain(layers: int, hidden: int, q: int, kv: int, ffw: int, dtype, out_major: bool):
-    """(fn(x, weights) -> x, weights): `layers` layers of the seven products, dependent on each other."""
-    shapes = {"q": (hidden, q), "k": (hidden, kv), "v": (hidden, kv), "o": (q, hidden)}
-    shapes |= {"gate": (hidden, ffw), "up": (hidden, ffw), "down": (ffw, hidden)}
-    keys = iter(jax.random.split(jax.random.key(0), 7 * layers))
+def product_chain(
+    layers: int, hidden: int, q: int, kv: int, ffw: int, dtype, out_major: bool, fused: bool = False, reduce=False
+):
+    """(fn(x, weights) -> x, weights): `layers` layers of a Qwen3 layer's products, dependent on each other. fused:
+    q/k/v and gate/up as one kernel each (four kernels a layer instead of seven); reduce: each product as a
+    multiply-reduce (`linear._row_product` / `_in_major_product`) instead of a dot."""
+    if fused:
+        shapes = {"qkv": (hidden, q + 2 * kv), "o": (q, hidden), "gate_up": (hidden, 2 * ffw), "down": (ffw, hidden)}
+    else:
+        shapes = {"q": (hidden, q), "k": (hidden, kv), "v": (hidden, kv), "o": (q, hidden)}
+        shapes |= {"gate": (hidden, ffw), "up": (hidden, ffw), "down": (ffw, hidden)}
+    keys = iter(jax.random.split(jax.random.key(0), len(shapes) * layers))
     weights = [
         {
             n: (0.02 * jax.random.normal(next(keys), s[::-1] if out_major else s)).astype(dtype)
@@ -49,14 +57,27 @@ def product_chain(layers: int, hidden: int, q: int, kv: int, ffw: int, dtype, ou
     spec = "mk,nk->mn" if out_major else "mk,kn->mn"
 
     def mm(x, w):
-        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(dtype)
+        if reduce:
+            y = linear._row_product(x, w) if out_major else linear._in_major_product(x, w)
+        else:
+            y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+        return y.astype(dtype)
 
     @jax.jit
     def chain(x, weights):
         for w in weights:
-            a = mm(x, w["q"]) + jnp.tile(mm(x, w["k"]) + mm(x, w["v"]), (1, q // kv))
+            if fused:
+                qkv = mm(x, w["qkv"])
+                a = qkv[:, :q] + jnp.tile(qkv[:, q : q + kv] + qkv[:, q + kv :], (1, q // kv))
+            else:
+                a = mm(x, w["q"]) + jnp.tile(mm(x, w["k"]) + mm(x, w["v"]), (1, q // kv))
             h = x + mm(a, w["o"])
-            x = h + mm(jax.nn.silu(mm(h, w["gate"])) * mm(h, w["up"]), w["down"])
+            if fused:
+                gu = mm(h, w["gate_up"])
+                g, u = gu[:, :ffw], gu[:, ffw:]
+            else:
+                g, u = mm(h, w["gate"]), mm(h, w["up"])
+            x = h + mm(jax.nn.silu(g) * u, w["down"])
         return x
 
     return chain, weights

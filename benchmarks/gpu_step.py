@@ -34,7 +34,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from decode_layout import shape_arguments, time_call  # a sibling script: benchmarks/ is on sys.path
+from decode_layout import product_chain, shape_arguments, time_call  # a sibling script: benchmarks/ is on sys.path
 
 from dspark_jax import bench
 from dspark_jax.decoding.pieces import median_seconds
@@ -44,43 +44,6 @@ ROWS = (1, 8)
 # ACCEL_REDUCE_ROWS candidates for the loop: dots everywhere, one-row products reduced, 1-8 rows reduced.
 LOOP_FORMS = {"dot": (1, 0), "reduce 1": (1, 1), "reduce 1-8": (1, 8)}
 SPECULATIVE_FORMS = ("dot", "reduce 1-8")  # what a round's 8-row verify pass and draft block would run
-
-
-def product_chain(layers: int, hidden: int, q: int, kv: int, ffw: int, dtype, fused: bool, reduce: bool):
-    """(fn(x, weights) -> x, weights): `layers` layers of a Qwen3 layer's products, dependent on each other."""
-    if fused:
-        shapes = {"qkv": (hidden, q + 2 * kv), "o": (q, hidden), "gate_up": (hidden, 2 * ffw), "down": (ffw, hidden)}
-    else:
-        shapes = {"q": (hidden, q), "k": (hidden, kv), "v": (hidden, kv), "o": (q, hidden)}
-        shapes |= {"gate": (hidden, ffw), "up": (hidden, ffw), "down": (ffw, hidden)}
-    keys = iter(jax.random.split(jax.random.key(0), len(shapes) * layers))
-    weights = [
-        {n: (0.02 * jax.random.normal(next(keys), s)).astype(dtype) for n, s in shapes.items()} for _ in range(layers)
-    ]
-
-    def mm(x, w):
-        if reduce:
-            return linear._in_major_product(x, w).astype(dtype)
-        return jnp.einsum("mk,kn->mn", x, w, preferred_element_type=jnp.float32).astype(dtype)
-
-    @jax.jit
-    def chain(x, weights):
-        for w in weights:
-            if fused:
-                qkv = mm(x, w["qkv"])
-                a = qkv[:, :q] + jnp.tile(qkv[:, q : q + kv] + qkv[:, q + kv :], (1, q // kv))
-            else:
-                a = mm(x, w["q"]) + jnp.tile(mm(x, w["k"]) + mm(x, w["v"]), (1, q // kv))
-            h = x + mm(a, w["o"])
-            if fused:
-                gu = mm(h, w["gate_up"])
-                g, u = gu[:, :ffw], gu[:, ffw:]
-            else:
-                g, u = mm(h, w["gate"]), mm(h, w["up"])
-            x = h + mm(jax.nn.silu(g) * u, w["down"])
-        return x
-
-    return chain, weights
 
 
 def read_bandwidth(nbytes: int, repeats: int) -> dict:
@@ -157,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for fused in (False,) if args.quick else (False, True):
         for reduce in (False, True):
-            chain, weights = product_chain(args.layers, hidden, q, kv, ffw, jnp.bfloat16, fused, reduce)
+            chain, weights = product_chain(args.layers, hidden, q, kv, ffw, jnp.bfloat16, False, fused, reduce)
             nbytes = sum(w.nbytes for layer in weights for w in layer.values())
             for rows in ROWS:
                 x = jax.random.normal(jax.random.key(rows), (rows, hidden), jnp.bfloat16)
