@@ -36,6 +36,7 @@ scheduler round 5.92 (benchmarks/RESULTS.md, 2026-12-04 session 18).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -85,27 +86,34 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
     multiply-reduce described above, in f32; otherwise an einsum over w's minor axis. On an accelerator, row counts
     within ACCEL_REDUCE_ROWS (none by default) take a plain multiply-reduce in either layout.
     """
-    out_dtype = preferred_element_type or x.dtype
     rows = math.prod(x.shape[:-1])
+    product = _reduce_form(rows, w, out_major)
+    if product is None:
+        spec = "...k,nk->...n" if out_major else "...k,kn->...n"
+        return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
+    y = product(x.reshape(rows, x.shape[-1]), w)
+    return y.astype(preferred_element_type or x.dtype).reshape(*x.shape[:-1], w.shape[0] if out_major else w.shape[1])
+
+
+def _reduce_form(rows: int, w: jax.Array, out_major: bool):
+    """The multiply-reduce that `rows` rows times w take instead of a dot (`dense`), or None for the dot."""
+    if w.size < ROW_PRODUCT_MIN_SIZE:
+        return None
     if jax.default_backend() != "cpu":
         low, high = ACCEL_REDUCE_ROWS
-        if low <= rows <= high and w.size >= ROW_PRODUCT_MIN_SIZE:
-            x2 = x.reshape(rows, x.shape[-1])
-            y = _row_product(x2, w) if out_major else _in_major_product(x2, w)
-            return y.astype(out_dtype).reshape(*x.shape[:-1], w.shape[0] if out_major else w.shape[1])
-    if not out_major:
-        return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
+        return (_row_product if out_major else _in_major_product) if low <= rows <= high else None
     narrow = w.dtype.itemsize < 4  # a 16-bit kernel: `compact` under f32 activations, or a bf16 model's
     low, high = COMPACT_PRODUCT_ROWS if narrow else ROW_PRODUCT_ROWS
-    isolate = low <= rows <= high and w.size >= ROW_PRODUCT_MIN_SIZE
-    if jax.default_backend() != "cpu" or not isolate:
-        return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
-    x2 = x.reshape(rows, x.shape[-1])
-    # A 16-bit kernel (`compact`, or a bf16 model's) wants the [out, rows, in] order from two rows on.
-    product = _column_product if w.dtype.itemsize < 4 and rows > 1 else _row_product
-    # Both branches are the same product: the predicate only has to be data (never folded), its value is irrelevant.
-    y = jax.lax.cond(x2[0, 0] > 0, product, product, x2, w)
-    return y.astype(out_dtype).reshape(*x.shape[:-1], w.shape[0])
+    if not out_major or not low <= rows <= high:
+        return None
+    # A 16-bit kernel wants the [out, rows, in] order from two rows on.
+    return functools.partial(_isolated, _column_product if narrow and rows > 1 else _row_product)
+
+
+def _isolated(product, x2: jax.Array, w: jax.Array) -> jax.Array:
+    """product(x2, w) compiled on its own: both branches of the conditional are the same product, the predicate only
+    has to be data (never folded) and its value is irrelevant."""
+    return jax.lax.cond(x2[0, 0] > 0, product, product, x2, w)
 
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
