@@ -46,7 +46,23 @@ def write_layer(buf: jax.Array, layer: int, new: jax.Array, starts: jax.Array) -
     rows = jnp.arange(b, dtype=jnp.int32)[:, None, None]
     heads = jnp.arange(kh, dtype=jnp.int32)[None, :, None]
     cols = starts[:, None, None] + jnp.arange(t, dtype=jnp.int32)[None, None, :]
-    return buf.at[layer, rows, heads, cols].set(jnp.swapaxes(new, 1, 2).astype(buf.dtype), mode="drop")
+    return set_at(buf, (layer, rows, heads, cols), jnp.swapaxes(new, 1, 2))
+
+
+def set_at(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
+    """buf.at[index].set(new in buf's dtype, mode="drop"). A 16-bit buffer is written as its bits: XLA:CPU scatters
+    into a bf16 buffer through an f32 copy of the whole buffer and back, so a bf16 model's every layer write
+    converted the whole stacked cache twice (24 conversions of 3 M elements a step at batch 16 on the embedded
+    target: half its step time; benchmarks/RESULTS.md, 2026-12-05 session 19)."""
+    new = new.astype(buf.dtype)
+    if buf.dtype.itemsize != 2:
+        return buf.at[index].set(new, mode="drop")
+    bits = (
+        jax.lax.bitcast_convert_type(buf, jnp.uint16)
+        .at[index]
+        .set(jax.lax.bitcast_convert_type(new, jnp.uint16), mode="drop")
+    )
+    return jax.lax.bitcast_convert_type(bits, buf.dtype)
 
 
 def tree_mask(parents: jax.Array, anchor_positions: jax.Array, cache_len: int, depth: int) -> jax.Array:
@@ -79,8 +95,8 @@ def compact_path(cache: KVCache, path: jax.Array, anchor_positions: jax.Array) -
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     src = jnp.clip(anchor_positions[:, None] + 1 + jnp.maximum(path, 0), 0, cache.cache_len - 1)
     dst = anchor_positions[:, None] + 1 + jnp.arange(depth, dtype=jnp.int32)[None, :]
-    k = cache.k.at[:, rows, :, dst].set(cache.k[:, rows, :, src], mode="drop")
-    v = cache.v.at[:, rows, :, dst].set(cache.v[:, rows, :, src], mode="drop")
+    k = set_at(cache.k, (slice(None), rows, slice(None), dst), cache.k[:, rows, :, src])
+    v = set_at(cache.v, (slice(None), rows, slice(None), dst), cache.v[:, rows, :, src])
     return dataclasses.replace(cache, k=k, v=v)
 
 

@@ -238,3 +238,22 @@ def test_cache_layout_is_heads_major(pair):
     np.testing.assert_array_equal(out[1, 0, :, 5:8], jnp.swapaxes(new[0], 0, 1))
     np.testing.assert_array_equal(out[1, 1, :, 38:40], jnp.swapaxes(new[1, :2], 0, 1))
     assert float(jnp.abs(out[1, 1, :, :38]).sum()) == 0 and float(jnp.abs(out[0]).sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cache_write_keeps_a_bf16_cache_narrow(dtype):
+    """write_layer = a scatter of the new rows in the cache's dtype, bit for bit, with rows past the end dropped; a
+    bf16 cache is written as its bits, so the compiled write holds no f32 copy of the stacked cache (XLA:CPU
+    scattered into bf16 through one, twice per layer per step: half a bf16 model's step at batch 16)."""
+    rng = np.random.default_rng(0)
+    buf = jnp.asarray(rng.standard_normal((3, 2, 2, 40, 16)), dtype)
+    new = jnp.asarray(rng.standard_normal((2, 3, 2, 16)), jnp.float32)
+    starts = jnp.array([5, 38], jnp.int32)
+    want = np.array(buf.astype(jnp.float32))
+    want[1, 0, :, 5:8] = np.swapaxes(np.asarray(new[0].astype(dtype).astype(jnp.float32)), 0, 1)
+    want[1, 1, :, 38:40] = np.swapaxes(np.asarray(new[1, :2].astype(dtype).astype(jnp.float32)), 0, 1)
+    got = write_layer(buf, 1, new, starts)
+    assert got.dtype == buf.dtype
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want)
+    hlo = jax.jit(write_layer, static_argnums=1).lower(buf, 1, new, starts).compile().as_text()
+    assert dtype == "float32" or "f32[3,2,2,40,16]" not in hlo

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax.cache import set_at
 from dspark_jax.configs import Qwen3Config, SamplingConfig, VerifyPolicy
 from dspark_jax.decoding.calibration import factors_for
 from dspark_jax.decoding.prefill import prefill_prompts
@@ -328,7 +329,7 @@ def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeSta
     )
     next_token = _plain_next_token(state, logits[:, 0], accept_keys)
     row_slot = jnp.where(live, state.num_pending, state.pending.shape[1])  # done rows write out of bounds: dropped
-    pending = state.pending.at[rows, row_slot].set(taps[:, 0].astype(state.pending.dtype), mode="drop")
+    pending = set_at(state.pending, (rows, row_slot), taps[:, 0])
     new_lengths = state.lengths + 1
     finished = _is_stop(next_token, state.stop_ids) | (new_lengths - 1 >= state.limits)
     slot = jnp.where(live, state.lengths, state.tokens.shape[1])  # done rows write out of bounds: dropped

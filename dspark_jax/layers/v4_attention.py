@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.cache import CompressorCache, V4LayerCache
+from dspark_jax.cache import CompressorCache, V4LayerCache, set_at
 from dspark_jax.layers.norms import rms_normalize
 from dspark_jax.layers.params import declare
 
@@ -81,7 +81,7 @@ def write_rows(buf: jax.Array, starts: jax.Array, new: jax.Array) -> jax.Array:
     b, t = new.shape[:2]
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     cols = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return buf.at[rows, cols].set(new.astype(buf.dtype), mode="drop")
+    return set_at(buf, (rows, cols), new)
 
 
 def read_rows(buf: jax.Array, index: jax.Array) -> jax.Array:

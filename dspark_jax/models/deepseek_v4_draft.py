@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.cache import set_at
 from dspark_jax.configs.deepseek_v4_draft import DeepseekV4DraftConfig
 from dspark_jax.layers.linear import take_rows
 from dspark_jax.layers.mhc import HyperConnection, HyperHead
@@ -126,7 +127,7 @@ class DeepseekV4Draft(nnx.Module):
         kv = cache.kv
         for i, k in enumerate(self.context_keys(features, positions)):
             # One scatter into the stacked buffer (stays in place inside the loop); past cache_len: dropped.
-            kv = kv.at[i, rows, positions].set(k.astype(kv.dtype), mode="drop")
+            kv = set_at(kv, (i, rows, positions), k)
         return DeepseekV4DraftCache(kv, cache.lengths)
 
     def init_cache(self, batch: int, cache_len: int) -> DeepseekV4DraftCache:
