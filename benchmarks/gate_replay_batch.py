@@ -8,8 +8,9 @@ grouped into batches of `--batch` rows; a round at width w commits min(a(L), w) 
 round one. The batch runs until every row has `--max-new-tokens` tokens, so plain decoding takes that many rounds.
 The cost table's gain and variance are its slowest row's over its first TIMED_ROUNDS whole-block rounds, each capped
 at the planned width as the live table does (`loop.slowest_row_stats`), and every batch takes a turn as the table's
-source. Reports the scheduler's speedup over plain decoding and the share of
-rounds it drafted, per r.
+source. `--draws K` draws K batches at random instead (seed 0; rows repeat when the batch is larger than the 30
+prompts), for batches of 16 and more. Reports the scheduler's and `full`'s speedup over plain decoding and the share
+of rounds the scheduler drafted, per r.
 """
 
 from __future__ import annotations
@@ -31,13 +32,19 @@ def main() -> None:
     p.add_argument("--block", type=int, default=7)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--ratios", type=float, nargs="+", default=[3.0, 3.3, 3.6, 3.9])
+    p.add_argument("--draws", type=int, default=0, help="batches drawn at random (default: consecutive groups)")
     p.add_argument("--out")
     args = p.parse_args()
     with open(args.commits) as f:
         data = json.load(f)[1:]  # the held-out prompts
     n, b = args.max_new_tokens, args.batch
     commits = [d["commits"] + [1] * (n + args.block + 1) for d in data]  # a stop token ends an answer: 1 a round
-    batches = [commits[i : i + b] for i in range(0, len(commits) - b + 1, b)]
+    if args.draws:
+        rng = np.random.default_rng(0)
+        picks = [rng.choice(len(commits), b, replace=b > len(commits)) for _ in range(args.draws)]
+        batches = [[commits[i] for i in pick] for pick in picks]
+    else:
+        batches = [commits[i : i + b] for i in range(0, len(commits) - b + 1, b)]
     tables = []
     for rows in batches:
         gain, spread = slowest_row_stats([np.asarray(full_rounds(a, n)[:TIMED_ROUNDS]) for a in rows], [args.width])
@@ -46,8 +53,11 @@ def main() -> None:
     for ratio in args.ratios:
         runs = [replay(rows, ratio, args.width, g, v, n, args.block) for rows in batches for g, v in tables]
         speedup = np.asarray([n / steps for steps, _ in runs])
+        # `full` at the same width: every round drafts; the batch takes as many rounds as its slowest row needs.
+        full = [n / (ratio * max(len(full_rounds(np.minimum(a, args.width), n)) for a in rows)) for rows in batches]
         row = {
             "ratio": ratio,
+            "full_over_plain_mean": float(np.mean(full)),
             "scheduler_over_plain_mean": float(speedup.mean()),
             "scheduler_over_plain_min": float(speedup.min()),
             "below_0.95_share": float((speedup < 0.95).mean()),
