@@ -50,12 +50,15 @@ def write_layer(buf: jax.Array, layer: int, new: jax.Array, starts: jax.Array) -
 
 
 def set_at(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
-    """buf.at[index].set(new in buf's dtype, mode="drop"). A 16-bit buffer is written as its bits: XLA:CPU scatters
-    into a bf16 buffer through an f32 copy of the whole buffer and back, so a bf16 model's every layer write
-    converted the whole stacked cache twice (24 conversions of 3 M elements a step at batch 16 on the embedded
-    target: half its step time; benchmarks/RESULTS.md, 2026-12-05 session 19)."""
+    """buf.at[index].set(new in buf's dtype, mode="drop"). On CPU a 16-bit buffer is written as its bits: XLA:CPU
+    scatters into a bf16 buffer through an f32 copy of the whole buffer and back, so a bf16 model's every layer
+    write converted the whole stacked cache twice (24 conversions of 3 M elements a step at batch 16 on the embedded
+    target: half its step time; benchmarks/RESULTS.md, 2026-12-05 session 19). XLA:CPU still copies the buffer into
+    its bits and back once a step (0.5 / 4.5 ms of an 8 / 21 ms bf16 step at batch 16 / 64). Accelerators scatter
+    16-bit values natively, and a copy of the whole cache there would cost far more than it saves: the plain scatter.
+    """
     new = new.astype(buf.dtype)
-    if buf.dtype.itemsize != 2:
+    if buf.dtype.itemsize != 2 or jax.default_backend() != "cpu":
         return buf.at[index].set(new, mode="drop")
     bits = (
         jax.lax.bitcast_convert_type(buf, jnp.uint16)

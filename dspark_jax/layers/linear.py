@@ -120,8 +120,9 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     """table[ids] along axis 0, in the table's dtype. A 16-bit table is gathered as its bits: XLA:CPU gathers a bf16
     table through an f32 copy of the whole table, a loop-invariant convert that it hoists out of the decode loop and
     pays on every call (the embedding and the Markov head's E1 of the embedded pair: 2.1 M elements each, in every
-    loop; benchmarks/RESULTS.md, 2026-12-04 session 18)."""
-    if table.dtype.itemsize != 2:
+    loop; benchmarks/RESULTS.md, 2026-12-04 session 18). XLA:CPU copies the table into its bits once per call
+    instead (hoisted; a plain copy). Accelerators gather 16-bit rows natively: the plain gather there."""
+    if table.dtype.itemsize != 2 or jax.default_backend() != "cpu":
         return jnp.take(table, ids, axis=0)
     bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
     return jax.lax.bitcast_convert_type(jnp.take(bits, ids, axis=0), table.dtype)
