@@ -53,9 +53,10 @@ def set_at(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
     """buf.at[index].set(new in buf's dtype, mode="drop"). On CPU a 16-bit buffer is written as its bits: XLA:CPU
     scatters into a bf16 buffer through an f32 copy of the whole buffer and back, so a bf16 model's every layer
     write converted the whole stacked cache twice (24 conversions of 3 M elements a step at batch 16 on the embedded
-    target: half its step time; benchmarks/RESULTS.md, 2026-12-05 session 19). XLA:CPU still copies the buffer into
-    its bits and back once a step (0.5 / 4.5 ms of an 8 / 21 ms bf16 step at batch 16 / 64). Accelerators scatter
-    16-bit values natively, and a copy of the whole cache there would cost far more than it saves: the plain scatter.
+    target: half its step time; benchmarks/RESULTS.md, 2026-12-05 session 19). Inside a loop whose carry is bf16,
+    XLA:CPU still copies the buffer into its bits and back once an iteration, which is why the decode loop carries
+    16-bit arrays as bits (`loop._as_bits`). Accelerators scatter 16-bit values natively, and a copy of the whole
+    cache there would cost more than it saves: the plain scatter.
     """
     new = new.astype(buf.dtype)
     if buf.dtype.itemsize != 2 or jax.default_backend() != "cpu":
