@@ -54,9 +54,9 @@ def set_at(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
     scatters into a bf16 buffer through an f32 copy of the whole buffer and back, so a bf16 model's every layer
     write converted the whole stacked cache twice (24 conversions of 3 M elements a step at batch 16 on the embedded
     target: half its step time; benchmarks/RESULTS.md, 2026-12-05 session 19). Inside a loop whose carry is bf16,
-    XLA:CPU still copies the buffer into its bits and back once an iteration, which is why the decode loop carries
-    16-bit arrays as bits (`loop._as_bits`). Accelerators scatter 16-bit values natively, and a copy of the whole
-    cache there would cost more than it saves: the plain scatter.
+    XLA:CPU still copies the buffer into its bits and back once an iteration, which is why the decode and prefill
+    loops carry 16-bit arrays as bits (`as_bits`). Accelerators scatter 16-bit values natively, and a copy of the
+    whole cache there would cost more than it saves: the plain scatter.
     """
     new = new.astype(buf.dtype)
     if buf.dtype.itemsize != 2 or jax.default_backend() != "cpu":
@@ -67,6 +67,26 @@ def set_at(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
         .set(jax.lax.bitcast_convert_type(new, jnp.uint16), mode="drop")
     )
     return jax.lax.bitcast_convert_type(bits, buf.dtype)
+
+
+def as_bits(tree):
+    """On CPU, `tree` with every 16-bit float array as its uint16 bits; elsewhere `tree` itself. Loops that write
+    16-bit caches carry them so: with a bf16 carry XLA:CPU copied each cache into its bits and back every iteration
+    around `set_at`'s writes (4.5 of 21 ms a step at batch 64 on the embedded target in bf16), while the
+    reinterpretations at an iteration's ends and the writes' own cancel out (benchmarks/RESULTS.md, 2026-12-05)."""
+    if jax.default_backend() != "cpu":
+        return tree
+
+    def bits(a):
+        narrow = jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2
+        return jax.lax.bitcast_convert_type(a, jnp.uint16) if narrow else a
+
+    return jax.tree.map(bits, tree)
+
+
+def as_values(tree, dtypes):
+    """`as_bits` undone: each array back in its dtype in `dtypes` (a pytree of dtypes like `tree`'s)."""
+    return jax.tree.map(lambda a, d: a if a.dtype == d else jax.lax.bitcast_convert_type(a, d), tree, dtypes)
 
 
 def tree_mask(parents: jax.Array, anchor_positions: jax.Array, cache_len: int, depth: int) -> jax.Array:

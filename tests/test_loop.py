@@ -453,7 +453,7 @@ def test_bf16_state_is_carried_as_bits(tmp_path, prompts, monkeypatch):
     # A copy into bits at the loop's entry and one back at its exit (ENTRY), none in the loop's computations.
     assert copies and all(c == "ENTRY" for c, _ in copies), copies
     loop.decode_loop.clear_cache()
-    monkeypatch.setattr(loop, "_as_bits", lambda s: s)
+    monkeypatch.setattr(loop, "as_bits", lambda s: s)
     bf16_tokens, bf16_cache, _ = run()
     np.testing.assert_array_equal(tokens, bf16_tokens)
     np.testing.assert_array_equal(cache, bf16_cache)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.cache import set_at
+from dspark_jax.cache import as_bits, as_values, set_at
 from dspark_jax.configs import Qwen3Config, SamplingConfig, VerifyPolicy
 from dspark_jax.decoding.calibration import factors_for
 from dspark_jax.decoding.prefill import prefill_prompts
@@ -463,16 +463,16 @@ def decode_loop(
     dtypes = jax.tree.map(lambda a: a.dtype, state)
 
     def counted(round_fn):
-        return lambda carry: (_as_bits(round_fn(_as_values(carry[0], dtypes))), carry[1] + 1)
+        return lambda carry: (as_bits(round_fn(as_values(carry[0], dtypes))), carry[1] + 1)
 
     def body(s):
         target = nnx.merge(target_def, target_state)
         draft = None if draft_def is None else nnx.merge(draft_def, draft_state)
         return _round(target, draft, s, spec)
 
-    start = (_as_bits(state), jnp.zeros((), jnp.int32))
+    start = (as_bits(state), jnp.zeros((), jnp.int32))
     if not spec.scheduler:
-        return _as_values(jax.lax.while_loop(more, counted(body), start)[0], dtypes)
+        return as_values(jax.lax.while_loop(more, counted(body), start)[0], dtypes)
 
     def plain_body(s):
         return _plain_round(nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state), s, spec)
@@ -494,27 +494,7 @@ def decode_loop(
             carry = at_width(i)(carry)
         return jax.lax.while_loop(lambda c: more(c) & ~c[0].scheduler.drafting, counted(plain_body), carry)
 
-    return _as_values(jax.lax.while_loop(more, phases, start)[0], dtypes)
-
-
-def _as_bits(state: DecodeState) -> DecodeState:
-    """On CPU, the state with every 16-bit float array as its uint16 bits: the decode loops carry the caches so.
-    XLA:CPU writes a 16-bit cache as bits (`cache.set_at`); with bf16 in the carry it copied each whole cache into
-    its bits and back every round (4.5 of 21 ms a step at batch 64 on the embedded target in bf16), while the
-    reinterpretations at a round's ends and the writes' own cancel out (benchmarks/RESULTS.md, 2026-12-05)."""
-    if jax.default_backend() != "cpu":
-        return state
-
-    def bits(a):
-        narrow = jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2
-        return jax.lax.bitcast_convert_type(a, jnp.uint16) if narrow else a
-
-    return jax.tree.map(bits, state)
-
-
-def _as_values(state: DecodeState, dtypes) -> DecodeState:
-    """`_as_bits` undone: each array back in its dtype in `dtypes` (a pytree like `state`'s)."""
-    return jax.tree.map(lambda a, d: a if a.dtype == d else jax.lax.bitcast_convert_type(a, d), state, dtypes)
+    return as_values(jax.lax.while_loop(more, phases, start)[0], dtypes)
 
 
 def _bucket(n: int, floor: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.cache import KVCache
+from dspark_jax.cache import KVCache, as_bits, as_values
 from dspark_jax.models.draft import Draft
 from dspark_jax.models.qwen3 import Qwen3
 
@@ -81,6 +81,10 @@ def prefill_prompts(
         carry = run_chunk(0, carry)
     else:
         num_chunks = (jnp.max(prompt_lens) + c - 1) // c
-        carry = jax.lax.fori_loop(0, num_chunks, run_chunk, carry)
+        dtypes = jax.tree.map(lambda a: a.dtype, carry)  # 16-bit caches are carried as bits (`as_bits`)
+        bits = jax.lax.fori_loop(
+            0, num_chunks, lambda i, b: as_bits(run_chunk(i, as_values(b, dtypes))), as_bits(carry)
+        )
+        carry = as_values(bits, dtypes)
     cache, draft_cache, last = carry
     return last, cache, draft_cache
