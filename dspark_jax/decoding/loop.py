@@ -453,7 +453,8 @@ def decode_loop(
     Nothing syncs with the host inside. With verify="scheduler" the rounds run in inner loops, one per compiled
     width (drafting rounds at that width while the gate is open and the plan stays there) and one of plain rounds
     (no draft work but one context row) while the gate is shut, so a batch where speculation loses runs near plain
-    speed, and no round switches over widths (a switch's branches copy the caches every round).
+    speed, and no round switches over widths (a switch's branches copy the caches every round). On CPU the state's
+    16-bit arrays ride the loops as their bits (`cache.as_bits`), so XLA:CPU does not copy the caches every round.
     """
 
     def more(carry):
