@@ -50,23 +50,16 @@ def write_layer(buf: jax.Array, layer: int, new: jax.Array, starts: jax.Array) -
 
 
 def set_at(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
-    """buf.at[index].set(new in buf's dtype, mode="drop"). On CPU a 16-bit buffer is written as its bits: XLA:CPU
-    scatters into a bf16 buffer through an f32 copy of the whole buffer and back, so a bf16 model's every layer
-    write converted the whole stacked cache twice (24 conversions of 3 M elements a step at batch 16 on the embedded
-    target: half its step time; benchmarks/RESULTS.md, 2026-12-05 session 19). Inside a loop whose carry is bf16,
-    XLA:CPU still copies the buffer into its bits and back once an iteration, which is why the decode and prefill
-    loops carry 16-bit arrays as bits (`as_bits`). Accelerators scatter 16-bit values natively, and a copy of the
+    """buf.at[index].set(new in buf's dtype, mode="drop"). On CPU a 16-bit float buffer is written as its bits
+    (`as_bits`): XLA:CPU scatters into a bf16 buffer through an f32 copy of the whole buffer and back, so a bf16
+    model's every layer write converted the whole stacked cache twice (24 conversions of 3 M elements a step at batch
+    16 on the embedded target: half its step time; benchmarks/RESULTS.md, 2026-12-05 session 19). Inside a loop whose
+    carry is bf16, XLA:CPU still copies the buffer into its bits and back once an iteration, which is why the decode
+    and prefill loops carry 16-bit arrays as bits too. Accelerators scatter 16-bit values natively, and a copy of the
     whole cache there would cost more than it saves: the plain scatter.
     """
-    new = new.astype(buf.dtype)
-    if buf.dtype.itemsize != 2 or jax.default_backend() != "cpu":
-        return buf.at[index].set(new, mode="drop")
-    bits = (
-        jax.lax.bitcast_convert_type(buf, jnp.uint16)
-        .at[index]
-        .set(jax.lax.bitcast_convert_type(new, jnp.uint16), mode="drop")
-    )
-    return jax.lax.bitcast_convert_type(bits, buf.dtype)
+    bits = as_bits(buf).at[index].set(as_bits(new.astype(buf.dtype)), mode="drop")
+    return as_values(bits, buf.dtype)
 
 
 def as_bits(tree):
@@ -85,7 +78,8 @@ def as_bits(tree):
 
 
 def as_values(tree, dtypes):
-    """`as_bits` undone: each array back in its dtype in `dtypes` (a pytree of dtypes like `tree`'s)."""
+    """`as_bits` undone: each array back in its dtype in `dtypes` (a pytree of dtypes like `tree`'s; one dtype for
+    one array)."""
     return jax.tree.map(lambda a, d: a if a.dtype == d else jax.lax.bitcast_convert_type(a, d), tree, dtypes)
 
 

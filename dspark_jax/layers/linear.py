@@ -42,6 +42,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.cache import as_bits, as_values
+
 ROW_PRODUCT_ROWS = (2, 32)  # CPU row counts that take the isolated multiply-reduce (measured above)
 COMPACT_PRODUCT_ROWS = (1, 128)  # ... for a 16-bit kernel, which a dot may need widened first (above)
 # ... for kernels of at least this many elements (256 KiB in f32): smaller ones stay in cache, where the dot is fast,
@@ -122,10 +124,7 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     pays on every call (the embedding and the Markov head's E1 of the embedded pair: 2.1 M elements each, in every
     loop; benchmarks/RESULTS.md, 2026-12-04 session 18). XLA:CPU copies the table into its bits once per call
     instead (hoisted; a plain copy). Accelerators gather 16-bit rows natively: the plain gather there."""
-    if table.dtype.itemsize != 2 or jax.default_backend() != "cpu":
-        return jnp.take(table, ids, axis=0)
-    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
-    return jax.lax.bitcast_convert_type(jnp.take(bits, ids, axis=0), table.dtype)
+    return as_values(jnp.take(as_bits(table), ids, axis=0), table.dtype)
 
 
 def out_major(w: jax.Array, in_axes: int) -> jax.Array:
