@@ -426,6 +426,37 @@ def test_one_compilation_per_bucket(tiny, prompts, bigram_drafts, monkeypatch):
     assert loop.decode_loop._cache_size() >= 1
 
 
+def _bitcast_copies(hlo: str, shape) -> list[tuple[str, str]]:
+    """(computation, instruction) of every bitcast-convert copy of an array of `shape` in compiled HLO text."""
+    dims, copies, computation = f"[{','.join(map(str, shape))}]", [], ""
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():  # a computation's header; its instructions follow, indented
+            computation = line.split()[0]
+            continue
+        name = line.split(" = ")[0].strip()
+        if name.startswith("%wrapped_bitcast-convert") and dims in line:
+            copies.append((computation, name))
+    return copies
+
+
+def test_shut_scheduler_keeps_the_draft_cache_as_bits(tmp_path, prompts, monkeypatch):
+    """A bf16 scheduler loop copies neither cache into bf16 and back inside its rounds: the plain rounds' flush
+    conditional takes the state as bits (with bf16 operands XLA:CPU copied the draft cache and the pending rows
+    around it every round, flush or not: ~4 % of a plain round at batch 16 on the embedded pair)."""
+    folder, _ = tiny_qwen3_hf(tmp_path, vocab=128, hidden=64, layers=2, seed=3)
+    target = dj.load_target(str(folder), dtype="bfloat16")
+    draft = bigram_draft(target, {}, block_size=4, confidence=True)
+    monkeypatch.setattr(loop, "round_seconds_table", linear_round_seconds)
+    prep = loop.prepare(target, draft, prompts[:3], 8, 0.0, 1.0, 0, 0, "scheduler", None)
+    state = prep.prefill(target, draft, drafting=False)
+    assert state.draft_cache.k.dtype == jnp.bfloat16
+    parts = (*target.decode_parts(), *draft.decode_parts())
+    hlo = loop.decode_loop.lower(*parts, state, 8, spec=prep.spec).compile().as_text()
+    for shape in (state.target_cache.k.shape, state.draft_cache.k.shape):
+        copies = _bitcast_copies(hlo, shape)
+        assert copies and all(c == "ENTRY" for c, _ in copies), (shape, copies)
+
+
 def test_bf16_state_is_carried_as_bits(tmp_path, prompts, monkeypatch):
     """On CPU the loop carries a bf16 state's arrays as their uint16 bits: the same tokens and caches as carrying
     bf16, and no copy of a whole cache into its bits and back inside the loop (XLA:CPU made one a round when the
@@ -442,15 +473,8 @@ def test_bf16_state_is_carried_as_bits(tmp_path, prompts, monkeypatch):
     tokens, cache, k = run()
     assert k.dtype == jnp.bfloat16
     hlo = loop.decode_loop.lower(*parts, prep.prefill(target, None), 8, spec=prep.spec).compile().as_text()
-    shape, copies, computation = f"[{','.join(map(str, k.shape))}]", [], ""
-    for line in hlo.splitlines():
-        if line and not line[0].isspace():  # a computation's header; its instructions follow, indented
-            computation = line.split()[0]
-            continue
-        name = line.split(" = ")[0].strip()
-        if name.startswith("%wrapped_bitcast-convert") and shape in line:
-            copies.append((computation, name))
     # A copy into bits at the loop's entry and one back at its exit (ENTRY), none in the loop's computations.
+    copies = _bitcast_copies(hlo, k.shape)
     assert copies and all(c == "ENTRY" for c, _ in copies), copies
     loop.decode_loop.clear_cache()
     monkeypatch.setattr(loop, "as_bits", lambda s: s)
