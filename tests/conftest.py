@@ -48,6 +48,21 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def hlo_instructions(hlo: str, prefix: str, shape) -> list[tuple[str, str]]:
+    """(computation, instruction) of every instruction named `prefix`... with an array of `shape` in compiled HLO
+    text (`.compile().as_text()`): e.g. which copies of a cache a compiled loop makes, and where (ENTRY runs once
+    a call; any other computation is a loop body or a branch)."""
+    dims, found, computation = f"[{','.join(map(str, shape))}]", [], ""
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():  # a computation's header; its instructions follow, indented
+            computation = line.split()[0]
+            continue
+        name = line.split(" = ")[0].strip()
+        if (name == prefix or name.startswith(prefix + ".")) and dims in line.split(" = ", 1)[-1].split("(")[0]:
+            found.append((computation, name))
+    return found
+
+
 # Every executable XLA:CPU compiles keeps ~5 memory mappings until its jit cache entry is dropped, and one pytest
 # process compiles tens of thousands of programs: left alone it reaches the kernel's vm.max_map_count (65530) around
 # 40% of the suite and LLVM aborts inside the next compile ("Fatal Python error: Aborted"). Dropping jax's caches

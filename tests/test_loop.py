@@ -9,7 +9,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDENS, golden_arrays, golden_folder, rel_err, tiny_qwen3_hf
+from conftest import GOLDENS, golden_arrays, golden_folder, hlo_instructions, rel_err, tiny_qwen3_hf
 from draft_factory import bigram_draft, bigram_table, linear_round_seconds
 
 import dspark_jax as dj
@@ -426,19 +426,6 @@ def test_one_compilation_per_bucket(tiny, prompts, bigram_drafts, monkeypatch):
     assert loop.decode_loop._cache_size() >= 1
 
 
-def _bitcast_copies(hlo: str, shape) -> list[tuple[str, str]]:
-    """(computation, instruction) of every bitcast-convert copy of an array of `shape` in compiled HLO text."""
-    dims, copies, computation = f"[{','.join(map(str, shape))}]", [], ""
-    for line in hlo.splitlines():
-        if line and not line[0].isspace():  # a computation's header; its instructions follow, indented
-            computation = line.split()[0]
-            continue
-        name = line.split(" = ")[0].strip()
-        if name.startswith("%wrapped_bitcast-convert") and dims in line:
-            copies.append((computation, name))
-    return copies
-
-
 def test_shut_scheduler_keeps_the_draft_cache_as_bits(tmp_path, prompts, monkeypatch):
     """A bf16 scheduler loop copies neither cache into bf16 and back inside its rounds: the plain rounds' flush
     conditional takes the state as bits (with bf16 operands XLA:CPU copied the draft cache and the pending rows
@@ -453,7 +440,7 @@ def test_shut_scheduler_keeps_the_draft_cache_as_bits(tmp_path, prompts, monkeyp
     parts = (*target.decode_parts(), *draft.decode_parts())
     hlo = loop.decode_loop.lower(*parts, state, 8, spec=prep.spec).compile().as_text()
     for shape in (state.target_cache.k.shape, state.draft_cache.k.shape):
-        copies = _bitcast_copies(hlo, shape)
+        copies = hlo_instructions(hlo, "%wrapped_bitcast-convert", shape)
         assert copies and all(c == "ENTRY" for c, _ in copies), (shape, copies)
 
 
@@ -474,7 +461,7 @@ def test_bf16_state_is_carried_as_bits(tmp_path, prompts, monkeypatch):
     assert k.dtype == jnp.bfloat16
     hlo = loop.decode_loop.lower(*parts, prep.prefill(target, None), 8, spec=prep.spec).compile().as_text()
     # A copy into bits at the loop's entry and one back at its exit (ENTRY), none in the loop's computations.
-    copies = _bitcast_copies(hlo, k.shape)
+    copies = hlo_instructions(hlo, "%wrapped_bitcast-convert", k.shape)
     assert copies and all(c == "ENTRY" for c, _ in copies), copies
     loop.decode_loop.clear_cache()
     monkeypatch.setattr(loop, "as_bits", lambda s: s)

@@ -264,13 +264,16 @@ class V4Attention(nnx.Module):
         q = rope_tail(q, cos[:, :, None], sin[:, :, None])
         k = rope_tail(self.kv_norm(jnp.einsum("btd,dh->bth", xd, self.wkv[...].astype(dt))), cos, sin)
 
-        # Sliding window: the W - 1 committed positions below the chunk, then the chunk itself.
+        # Sliding window: the W - 1 committed positions below the chunk, then the chunk itself. The history is read
+        # from the cache after the chunk's write (it lies below the chunk, so the write leaves it as it was): read
+        # from the buffer before the write, XLA kept both and copied each layer's window twice a round.
+        window = write_rows(cache.window, start, k)
         hist_pos = start[:, None] - (s.window - 1) + jnp.arange(s.window - 1, dtype=jnp.int32)[None, :]
-        keys = jnp.concatenate([read_rows(cache.window, hist_pos).astype(dt), k], axis=1)  # [b, W-1+t, h]
+        keys = jnp.concatenate([read_rows(window, hist_pos).astype(dt), k], axis=1)  # [b, W-1+t, h]
         key_pos = jnp.concatenate([hist_pos, positions], axis=1)
         qp, kp = positions[:, :, None], key_pos[:, None, :]
         window_mask = (kp >= 0) & (kp <= qp) & (kp > qp - s.window)  # [b, t, W-1+t]
-        new_cache = V4LayerCache(write_rows(cache.window, start, k), cache.compressor, cache.indexer)
+        new_cache = V4LayerCache(window, cache.compressor, cache.indexer)
 
         compressed = None
         if s.ratio:
