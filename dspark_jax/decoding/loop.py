@@ -208,16 +208,14 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec, width: int | None 
         branch = jnp.searchsorted(jnp.asarray(spec.widths, jnp.int32), needed).astype(jnp.int32)
 
         def narrow(w):
-            def run():
-                logits, taps, cache = target_pass(
-                    target, state.target_cache, block[:, :w], anchor_pos, spec.tap_layer_ids
-                )
+            def run(cache):
+                logits, taps, cache = target_pass(target, cache, block[:, :w], anchor_pos, spec.tap_layer_ids)
                 pad = ((0, 0), (0, spec.width - w), (0, 0))  # rows past w are never read: k < w
                 return jnp.pad(logits, pad), None if taps is None else jnp.pad(taps, pad), cache
 
             return run
 
-        logits, taps, target_cache = jax.lax.switch(branch, [narrow(w) for w in spec.widths])
+        logits, taps, target_cache = switch_in_place(branch, [narrow(w) for w in spec.widths], state.target_cache)
     before = dataclasses.replace(state, scheduler=scheduler)
     state = _accept_and_commit(
         before, spec, proposal, logits, taps, target_cache, draft_cache, keys, accept_keys, num_proposed
@@ -225,6 +223,25 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec, width: int | None 
     if spec.scheduler and draft is not None:
         state = dataclasses.replace(state, scheduler=_gate(before, state, plan))
     return state
+
+
+def switch_in_place(index: jax.Array, branches, cache):
+    """branches[index](cache) -> (..., the cache updated), as `lax.switch` would run it, but each branch inside a
+    `lax.while_loop` whose condition holds at most once. A conditional's branch that writes the cache works on a
+    copy: under `lax.switch` XLA:CPU copied the whole target cache (every layer's K and V) every threshold or tree
+    round; a while loop writes its carry in place. On CPU the carry holds 16-bit arrays as bits
+    (`cache.as_bits`), as the decode loop's does."""
+    outputs = jax.eval_shape(branches[-1], cache)
+    start = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), outputs[:-1]) + (cache,)
+    dtypes = jax.tree.map(lambda a: a.dtype, start)
+    carry = (index, as_bits(start))
+    for i, branch in enumerate(branches):
+
+        def body(c, branch=branch):
+            return jnp.full_like(index, -1), as_bits(branch(as_values(c[1], dtypes)[-1]))
+
+        carry = jax.lax.while_loop(lambda c, i=i: c[0] == i, body, carry)
+    return as_values(carry[1], dtypes)
 
 
 def _room(state: DecodeState, spec: LoopSpec) -> jax.Array:
@@ -464,7 +481,7 @@ def decode_loop(
     Nothing syncs with the host inside. With verify="scheduler" the rounds run in inner loops, one per compiled
     width (drafting rounds at that width while the gate is open and the plan stays there) and one of plain rounds
     (no draft work but one context row) while the gate is shut, so a batch where speculation loses runs near plain
-    speed, and no round switches over widths (a switch's branches copy the caches every round). On CPU the state's
+    speed, and no round chooses among widths inside it (`switch_in_place`). On CPU the state's
     16-bit arrays ride the loops as their bits (`cache.as_bits`), so XLA:CPU does not copy the caches every round.
     """
 

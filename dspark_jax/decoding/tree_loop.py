@@ -126,10 +126,10 @@ def tree_round(target, draft, state: DecodeState, spec) -> DecodeState:
             branch = jnp.where(state.scheduler.forced >= 0, state.scheduler.forced, branch)
 
         def narrow(w):
-            def run():
+            def run(cache):
                 logits, taps, cache = target_pass(
                     target,
-                    state.target_cache,
+                    cache,
                     tokens[:, :w],
                     anchor_pos,
                     spec.tap_layer_ids,
@@ -141,7 +141,7 @@ def tree_round(target, draft, state: DecodeState, spec) -> DecodeState:
 
             return run
 
-        logits, taps, target_cache = jax.lax.switch(branch, [narrow(w) for w in widths])
+        logits, taps, target_cache = loop.switch_in_place(branch, [narrow(w) for w in widths], state.target_cache)
     alen, path, next_token = accept_tree(state.sampling, tree, logits, accept_keys, cfg.branch)
     if path.shape[1] < block:
         path = jnp.pad(path, ((0, 0), (0, block - path.shape[1])), constant_values=-1)
