@@ -227,10 +227,10 @@ def _round(target, draft, state: DecodeState, spec: LoopSpec, width: int | None 
 
 def switch_in_place(index: jax.Array, branches, cache):
     """branches[index](cache) -> (..., the cache updated), as `lax.switch` would run it, but each branch inside a
-    `lax.while_loop` whose condition holds at most once. A conditional's branch that writes the cache works on a
-    copy: under `lax.switch` XLA:CPU copied the whole target cache (every layer's K and V) every threshold or tree
-    round; a while loop writes its carry in place. On CPU the carry holds 16-bit arrays as bits
-    (`cache.as_bits`), as the decode loop's does."""
+    `lax.while_loop` whose condition holds at most once; an index outside the branches runs none and returns
+    (zeros..., cache). A conditional's branch that writes the cache works on a copy: under `lax.switch` XLA:CPU
+    copied the whole target cache (every layer's K and V) every threshold or tree round; a while loop writes its
+    carry in place. On CPU the carry holds 16-bit arrays as bits (`cache.as_bits`), as the decode loop's does."""
     outputs = jax.eval_shape(branches[-1], cache)
     start = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), outputs[:-1]) + (cache,)
     dtypes = jax.tree.map(lambda a: a.dtype, start)
@@ -334,18 +334,10 @@ def _plain_round(target, draft, state: DecodeState, spec: LoopSpec) -> DecodeSta
     Records 1 committed token, 0 drafts and zero confidences for the round."""
     full = jnp.max(state.num_pending) >= state.pending.shape[1]
     needed = _may_draft_again(state.scheduler, state.done, state.lengths, state.limits)
-    # The conditional takes the state as bits (`as_bits`): with 16-bit operands XLA:CPU copied the draft cache and
-    # the pending rows into bf16 and back around it every round, flush or not (~4 % of a plain round at batch 16).
-    dtypes = jax.tree.map(lambda a: a.dtype, state)
-    state = as_values(
-        jax.lax.cond(
-            full & needed,
-            lambda bits: as_bits(_flush_pending(draft, as_values(bits, dtypes))),
-            lambda bits: bits,
-            as_bits(state),
-        ),
-        dtypes,
-    )
+    # Not `lax.cond`: with the state as its operand XLA:CPU copied the draft cache and the pending rows around it
+    # every round, flush or not (bf16: 5 bitcast copies a round).
+    flush = [lambda s: (_flush_pending(draft, s),)]
+    (state,) = switch_in_place(jnp.where(full & needed, 0, -1), flush, state)
     keys, _, accept_keys = _row_keys(state.keys)
     bsz = state.lengths.shape[0]
     rows = jnp.arange(bsz)
