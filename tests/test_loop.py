@@ -442,8 +442,8 @@ def test_narrower_passes_write_the_cache_in_place(tiny, prompts, bigram_drafts, 
 
 def test_shut_scheduler_keeps_the_draft_cache_as_bits(tmp_path, prompts, monkeypatch):
     """A bf16 scheduler loop copies neither cache into bf16 and back inside its rounds: the plain rounds' flush
-    conditional takes the state as bits (with bf16 operands XLA:CPU copied the draft cache and the pending rows
-    around it every round, flush or not: ~4 % of a plain round at batch 16 on the embedded pair)."""
+    runs in `switch_in_place` (as a `lax.cond` on the bf16 state, XLA:CPU copied the draft cache and the pending rows
+    around it every round, flush or not: 5 bitcast copies a round at batch 16 on the embedded pair)."""
     folder, _ = tiny_qwen3_hf(tmp_path, vocab=128, hidden=64, layers=2, seed=3)
     target = dj.load_target(str(folder), dtype="bfloat16")
     draft = bigram_draft(target, {}, block_size=4, confidence=True)
