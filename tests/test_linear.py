@@ -107,6 +107,10 @@ def test_decode_copy_matches_the_loaded_model():
         assert state["embed_tokens"][...].dtype == jnp.bfloat16
         assert state["layers"][0]["self_attn"]["o_proj"][...].shape == (512, 512)
         assert draft.decode_parts()[1]["lm_head"][...].shape == (4096, 512)
+        # The draft's copy holds the target copy's tables, not a second head (the tied head is the embedding).
+        table = state["embed_tokens"][...]
+        for name in ("embed_tokens", "lm_head"):
+            assert draft.decode_parts()[1][name][...].unsafe_buffer_pointer() == table.unsafe_buffer_pointer(), name
     np.testing.assert_array_equal(np.asarray(target.state["layers"][0]["mlp"]["gate_proj"][...]), before)
     tokens = jnp.asarray([[5, 17, 301, 9, 44, 1020, 7, 3]], jnp.int32)
     positions = jnp.arange(8, dtype=jnp.int32)[None]

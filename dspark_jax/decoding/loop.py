@@ -646,6 +646,13 @@ class Prepared:
         )
 
 
+@jax.jit
+def _row_streams(key, rows):
+    """Row i's key fold_in(key, i) for i32[batch] rows. Jitted: the same vmap traced eagerly took ~0.5 ms of every
+    `prepare`."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
+
+
 def prepare(
     target,
     draft=None,
@@ -738,7 +745,7 @@ def prepare(
     padded = np.zeros((batch, bucket), np.int32)
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = p
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(batch))
+    keys = _row_streams(jax.random.key(seed), np.arange(batch, dtype=np.int32))
     prep = Prepared(
         spec,
         padded,
