@@ -71,23 +71,25 @@ def test_compact_keeps_what_bf16_cannot_hold():
 
 def test_row_product_is_its_own_computation():
     """On CPU, 2-32 rows times an f32 kernel too large for cache compile to a conditional (the fusion boundary),
-    1-128 rows times a 16-bit kernel: a compact (bf16) kernel under f32 activations, or a bf16 model's (bf16
-    activations and kernel, widened to f32 inside: [out, rows, in] order from two rows on, [rows, out, in] at one);
-    other row counts and small kernels a plain dot."""
+    1-128 rows times a compact (bf16) kernel under f32 activations too ([out, rows, in] order from two rows on); a
+    bf16 model's one row as well (widened to f32 inside, [rows, out, in] order), while its 2 rows and more take one
+    dot of the bf16 operands summed in f32; other row counts and small kernels a plain dot."""
     w = jnp.ones((-(-ROW_PRODUCT_MIN_SIZE // 96), 96), jnp.float32)
     bf16 = w.astype(jnp.bfloat16)
-    cases = [(w, "float32", ROW_PRODUCT_ROWS), (bf16, "float32", COMPACT_PRODUCT_ROWS)]
-    cases.append((bf16, "bfloat16", COMPACT_PRODUCT_ROWS))
+    n = w.shape[0]
+    cpu = jax.default_backend() == "cpu"
+    cases = [(w, "float32", ROW_PRODUCT_ROWS), (bf16, "float32", COMPACT_PRODUCT_ROWS), (bf16, "bfloat16", (1, 1))]
     for kernel, x_dtype, (low, high) in cases:
-        for rows in sorted({1, low, high, high + 1}):
+        for rows in sorted({1, 2, low, high, high + 1, 200}):
             x = jnp.ones((rows, 96), x_dtype)
             hlo = jax.jit(lambda x: dense(x, kernel, True)).lower(x).as_text()
-            want = low <= rows <= high and jax.default_backend() == "cpu"
+            want = low <= rows <= high and cpu
             assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == want, (kernel.dtype, x_dtype, rows)
-            if want and x_dtype == "bfloat16":  # the product runs in f32, then rounds once to bf16
-                n = kernel.shape[0]
-                widened = f"{n}x1x96" if rows > 1 else f"1x{n}x96"
-                assert f"(tensor<{widened}xbf16>) -> tensor<{widened}xf32>" in hlo, rows
+            if x_dtype == "bfloat16" and cpu:  # the product is summed in f32, then rounds once to bf16
+                if rows == 1:
+                    assert f"(tensor<1x{n}x96xbf16>) -> tensor<1x{n}x96xf32>" in hlo
+                else:
+                    assert f"(tensor<{rows}x96xbf16>, tensor<{n}x96xbf16>) -> tensor<{rows}x{n}xf32>" in hlo, rows
                 assert f"(tensor<{rows}x{n}xf32>) -> tensor<{rows}x{n}xbf16>" in hlo, rows
     small = jax.jit(lambda x: dense(x, w[:8], True)).lower(jnp.ones((8, 96), jnp.float32)).as_text()
     assert "stablehlo.case" not in small and "stablehlo.if" not in small

@@ -23,15 +23,17 @@ verify pass) a compact kernel stays isolated: 20 such kernels took 15.7 / 31.3 m
 kernel is hoisted out of the loop by XLA, so every call of the loop widened all 42 target kernels up front (~90 ms at
 batch 16, paid even when the scheduler never drafts). From 256 rows on the dot is faster (54 against 78 ms).
 
-A bf16 model (bf16 activations and kernels) isolates the compact kernels' row counts (1-128), in their orders.
-Measured on a 2-core AVX-512 EPYC (Zen 5), the 43 products of the embedded target's shape in a loop: 2 / 8 / 32 rows
-took 2.7 / 3.2 / 6.8 ms in the [out, rows, in] order against 4.8 / 9.9-12.0 / 30.7 ms in the [rows, out, in] order
-(and 4.9 / 5.8 / 9.3 ms as the bf16 dot). One row and 33-128 rows first kept the bf16 dot (even with the widened
-product in that loop), but a bf16 dot XLA:CPU may run in f32 on widened kernels, and the widening of a loop-invariant
-kernel is hoisted out of the loop: inside the scheduler's nested loops every target kernel was widened and copied on
-every call (its plain round cost 5.9 ms against 3.7 for a plain step; its width-8 round 8.1 ms against 6.3 for the
-same round of `full`). Isolated, the embedded pair in bf16 at batch 1: plain step 3.07 ms, `full` round 5.84,
-scheduler round 5.92 (benchmarks/RESULTS.md, 2026-12-04 session 18).
+A bf16 model (bf16 activations and kernels) takes, from two rows on, one dot of the bf16 operands summed in f32
+(`_narrow_dot`), which XLA:CPU (jax 0.10.2) hands to its library kernel on the 16-bit operands as they are. Measured
+on a 2-core AVX-512 EPYC (Zen 5, avx512_bf16), a chain of 48 kernels of [1536, 512] (72 MB) as jit parameters in a
+loop, per kernel: 2 / 8 / 32 / 128 rows 109 / 110 / 139 / 340 us against 146 / 137 / 238 / 615 us for the isolated
+[out, rows, in] multiply-reduce; with a bf16 result the same dot took 335-763 us. One row stays the isolated
+[rows, out, in] product: there XLA widened every kernel to f32 first (hoisted out of the loop, paid per call; 149
+against 90 us). The embedded pair in bf16 (64 new tokens, one process, old and new compiled in turn): plain
+decoding 1.19 / 1.45 / 1.35x faster at batch 4 / 16 / 64, `full` 1.15 / 1.43 / 1.55x at batch 1 / 4 / 16, a
+2000-token prefill 442 -> 358 ms (benchmarks/RESULTS.md, 2026-12-05 session 21). Session 18 had measured the bf16
+dot slower at 8 rows over that target's 43 products (5.8 against 3.2 ms); that dot was the einsum's, with a bf16
+result, most likely the slow form above. Not measured on an AVX2-only CPU (no bf16 instructions there).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import jax.numpy as jnp
 from dspark_jax.cache import as_bits, as_values
 
 ROW_PRODUCT_ROWS = (2, 32)  # CPU row counts that take the isolated multiply-reduce (measured above)
-COMPACT_PRODUCT_ROWS = (1, 128)  # ... for a 16-bit kernel, which a dot may need widened first (above)
+COMPACT_PRODUCT_ROWS = (1, 128)  # ... for a compact kernel under f32 rows, which a dot would widen first (above)
 # ... for kernels of at least this many elements (256 KiB in f32): smaller ones stay in cache, where the dot is fast,
 # and each isolated product is a conditional more to compile (the test suite's tiny models would pay for nothing).
 ROW_PRODUCT_MIN_SIZE = 64 * 1024
@@ -63,6 +65,12 @@ def _column_product(x: jax.Array, w: jax.Array) -> jax.Array:
     """The same product reduced in [n, m, k] order, then transposed: for a bf16 kernel the faster order from 2 rows
     on (and 30x slower at one row)."""
     return jnp.sum(w[:, None, :].astype(jnp.float32) * x[None, :, :].astype(jnp.float32), axis=-1).T
+
+
+def _narrow_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [m, k] and w [n, k] of one 16-bit dtype -> f32[m, n] as a dot over both minor axes, summed in f32: XLA:CPU
+    hands it to its library kernel on the 16-bit operands as they are (with a 16-bit result it did not: 2-3x slower)."""
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _in_major_product(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -83,13 +91,15 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
     """x [..., k] times a 2-D kernel: w [k, n] (in-major) or [n, k] (out_major) -> [..., n].
 
     The result has `preferred_element_type` (default x's dtype); w may be narrower than x (a `compact` kernel) and
-    is widened to x's dtype. In-major is a plain einsum. Out-major on CPU with 2-32 rows (the product of x's leading
-    dims; 1-128 for a 16-bit kernel) and a kernel of at least ROW_PRODUCT_MIN_SIZE elements is the isolated
-    multiply-reduce described above, in f32; otherwise an einsum over w's minor axis. On an accelerator, row counts
+    is widened to x's dtype. In-major is a plain einsum. Out-major on CPU with a kernel of at least
+    ROW_PRODUCT_MIN_SIZE elements: 2-32 rows (the product of x's leading dims; 1-128 for a compact kernel under f32
+    rows, one row of a bf16 model) are the isolated multiply-reduce described above, in f32; a bf16 model's 2 rows
+    and more are the dot of its bf16 operands summed in f32 (`_narrow_dot`); otherwise an einsum over w's minor
+    axis. On an accelerator, row counts
     within ACCEL_REDUCE_ROWS (none by default) take a plain multiply-reduce in either layout.
     """
     rows = math.prod(x.shape[:-1])
-    product = _reduce_form(rows, w, out_major)
+    product = _reduce_form(rows, w, out_major, x.dtype)
     if product is None:
         spec = "...k,nk->...n" if out_major else "...k,kn->...n"
         return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
@@ -97,14 +107,17 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
     return y.astype(preferred_element_type or x.dtype).reshape(*x.shape[:-1], w.shape[0] if out_major else w.shape[1])
 
 
-def _reduce_form(rows: int, w: jax.Array, out_major: bool):
-    """The multiply-reduce that `rows` rows times w take instead of a dot (`dense`), or None for the dot."""
+def _reduce_form(rows: int, w: jax.Array, out_major: bool, x_dtype):
+    """The product that `rows` rows of x_dtype times w take instead of the einsum (`dense`), or None for the
+    einsum."""
     if w.size < ROW_PRODUCT_MIN_SIZE:
         return None
     if jax.default_backend() != "cpu":
         low, high = ACCEL_REDUCE_ROWS
         return (_row_product if out_major else _in_major_product) if low <= rows <= high else None
     narrow = w.dtype.itemsize < 4  # a 16-bit kernel: `compact` under f32 activations, or a bf16 model's
+    if narrow and out_major and x_dtype == w.dtype and rows > 1:
+        return _narrow_dot
     low, high = COMPACT_PRODUCT_ROWS if narrow else ROW_PRODUCT_ROWS
     if not out_major or not low <= rows <= high:
         return None
