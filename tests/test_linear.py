@@ -19,6 +19,7 @@ from dspark_jax.layers.linear import (
     compact,
     dense,
     out_major,
+    project,
     take_rows,
 )
 from dspark_jax.loading import _decode_copy
@@ -93,6 +94,22 @@ def test_row_product_is_its_own_computation():
                 assert f"(tensor<{rows}x{n}xf32>) -> tensor<{rows}x{n}xbf16>" in hlo, rows
     small = jax.jit(lambda x: dense(x, w[:8], True)).lower(jnp.ones((8, 96), jnp.float32)).as_text()
     assert "stablehlo.case" not in small and "stablehlo.if" not in small
+
+
+def test_sixteen_bit_products_sum_into_f32():
+    """On CPU an einsum of bf16 rows and a bf16 kernel (in-major `dense`, Gemma4's projections) asks for an f32 result
+    and rounds it once (a bf16-result dot ran 2-3x slower there); the values are the f32 sums rounded to bf16."""
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (8, 96), jnp.bfloat16)
+    w = jax.random.normal(jax.random.fold_in(key, 1), (96, 4, 24), jnp.bfloat16)
+    got = project("td,dkh->tkh", x, w)
+    assert got.dtype == jnp.bfloat16
+    want = jnp.einsum("td,dkh->tkh", x.astype(jnp.float32), w.astype(jnp.float32)).astype(jnp.bfloat16)
+    assert rel_err(np.asarray(got, np.float32), np.asarray(want, np.float32)) <= 1e-2
+    hlo = jax.jit(lambda x: dense(x, w.reshape(96, 96), False)).lower(x).as_text()
+    wide = jax.default_backend() == "cpu"
+    assert ("(tensor<8x96xbf16>, tensor<96x96xbf16>) -> tensor<8x96xf32>" in hlo) == wide
+    assert project("td,dkh->tkh", x.astype(jnp.float32), w).dtype == jnp.float32  # f32 rows: an f32 product
 
 
 @pytest.mark.skipif(not os.path.isdir(ASSETS), reason="embedded pair not built")

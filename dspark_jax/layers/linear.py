@@ -101,10 +101,20 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
     rows = math.prod(x.shape[:-1])
     product = _reduce_form(rows, w, out_major, x.dtype)
     if product is None:
-        spec = "...k,nk->...n" if out_major else "...k,kn->...n"
-        return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
+        return project("...k,nk->...n" if out_major else "...k,kn->...n", x, w, preferred_element_type)
     y = product(x.reshape(rows, x.shape[-1]), w)
     return y.astype(preferred_element_type or x.dtype).reshape(*x.shape[:-1], w.shape[0] if out_major else w.shape[1])
+
+
+def project(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+    """jnp.einsum(spec, x, w in x's dtype), in `preferred_element_type` (default x's dtype). On CPU a 16-bit product
+    is summed into an f32 result and rounded once: asked for a 16-bit result, XLA:CPU ran the same dot 2-3x slower
+    from two rows on (24 bf16 kernel pairs of [512, 1536] in a chain, in-major, 8 rows: 237 against 102 us a kernel;
+    the embedded target's bf16 forward over 8 / 256 tokens 23.1 / 55.6 -> 5.0 / 28.3 ms). The sums are the same up
+    to their order (1 ulp in ~0.03 % of outputs)."""
+    wide = jax.default_backend() == "cpu" and x.dtype.itemsize == 2
+    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32 if wide else preferred_element_type)
+    return y.astype(preferred_element_type or x.dtype)
 
 
 def _reduce_form(rows: int, w: jax.Array, out_major: bool, x_dtype):

@@ -13,6 +13,7 @@ from flax import nnx
 
 from dspark_jax.configs import DraftConfig
 from dspark_jax.layers.attention import Attention, dense_context
+from dspark_jax.layers.linear import project
 from dspark_jax.layers.norms import rms_normalize
 from dspark_jax.layers.params import Frozen, declare
 from dspark_jax.layers.rope import apply_rope
@@ -132,8 +133,8 @@ class Gemma4Attention(Attention):
     def keys_values(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [batch, t, hidden] -> roped, normed k and normed v, each [batch, t, kv_heads, head_dim]."""
         x = x.astype(self.dtype)
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(self.dtype))
-        v = k if self.k_eq_v else jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(self.dtype))
+        k = project("btd,dkh->btkh", x, self.k_proj[...])
+        v = k if self.k_eq_v else project("btd,dkh->btkh", x, self.v_proj[...])
         return apply_rope(self.k_norm(k), positions, self.inv_freq), self.v_norm(v)
 
 
@@ -150,11 +151,9 @@ class Gemma4MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
         x = x.astype(self.dtype)
-        gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(self.dtype))
-        up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(self.dtype))
-        return jnp.einsum(
-            "btf,fd->btd", ACTIVATIONS[self.activation](gate) * up, self.down_proj[...].astype(self.dtype)
-        )
+        gate = project("btd,df->btf", x, self.gate_proj[...])
+        up = project("btd,df->btf", x, self.up_proj[...])
+        return project("btf,fd->btd", ACTIVATIONS[self.activation](gate) * up, self.down_proj[...])
 
 
 class Gemma4DecoderLayer(nnx.Module):
