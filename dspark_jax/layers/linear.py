@@ -68,11 +68,11 @@ def _column_product(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _narrow_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [m, k] and w [n, k] of one 16-bit dtype -> f32[m, n] as a dot over both minor axes, summed in f32: XLA:CPU
-    hands it to its library kernel on the 16-bit operands as they are (with a 16-bit result it did not: 2-3x slower).
-    On the rows flattened to 2-D: the same dot as `project`'s einsum over [batch, t, k] rows, alone the same compiled
-    op, ran the embedded pair's batch-1 `full` rounds at 0.75x this speed in the decode loop (RESULTS.md, s. 21)."""
-    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    """x [m, k] and w [n, k] of one 16-bit dtype -> f32[m, n]: `project`'s product (the 16-bit operands summed in
+    f32, which XLA:CPU hands to its library kernel as they are) on the rows flattened to 2-D. The same einsum over
+    [batch, t, k] rows, alone the same compiled op, ran the embedded pair's batch-1 `full` rounds at 0.75x this
+    speed in the decode loop (RESULTS.md, s. 21)."""
+    return project("mk,nk->mn", x, w, jnp.float32)
 
 
 def _in_major_product(x: jax.Array, w: jax.Array) -> jax.Array:
