@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from conversion.keymaps import KEYMAPS
+from conversion.keymaps import KEYMAPS, keymap_for
 from conversion.reader import save_safetensors
 from conversion.transforms import TRANSFORMS
 from dspark_jax.checkpoints import atomic_dir
@@ -112,7 +112,7 @@ def export_draft(dst: str, config: DraftConfig, state: nnx.State, dtype: str = "
         kind += "_gemma4"
     d = config.to_hf_dict()
     d.update(torch_dtype=dtype, dtype=dtype)
-    write_folder(dst, export_tensors(state, KEYMAPS[kind], dtype), d, ())
+    write_folder(dst, export_tensors(state, keymap_for(kind, config), dtype), d, ())
 
 
 def export_target(

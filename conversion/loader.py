@@ -11,7 +11,7 @@ import os
 from flax import nnx
 
 from conversion.engine import claim_destination, convert_state
-from conversion.keymaps import KEYMAPS
+from conversion.keymaps import keymap_for
 from conversion.keymaps.deepseek_v4 import DEEPSEEK_V4_DRAFT_SKIP, DEEPSEEK_V4_SKIP, DeepseekV4Source
 from conversion.keymaps.gemma4 import GEMMA4_SKIP
 from conversion.keymaps.qwen3_moe import StackedExperts
@@ -107,7 +107,7 @@ def load_params(
         skip = (r"layers\.\d+\.layer_scalar",)
         state = convert_state(
             reader,
-            KEYMAPS[kind],
+            keymap_for(kind, config),
             abstract,
             source=source,
             mesh=mesh,

@@ -222,6 +222,7 @@ def random_pair_configs(shape: str, dtype: str):
         markov_rank=s["markov_rank"],
         enable_confidence_head=True,
         confidence_head_with_markov=True,
+        tied_head=tcfg.tie_word_embeddings,
     )
 
 
@@ -237,8 +238,8 @@ def random_pair(shape: str, dtype: str, seed: int):
     ddef, dstate = _random_state(Draft, dcfg, seed + 1)
     draft = nnx.merge(ddef, dstate)
     embed = tstate["embed_tokens"][...]
-    draft.embed_tokens[...] = embed
-    draft.lm_head[...] = embed.T if tcfg.tie_word_embeddings else tstate["lm_head"][...]
+    draft.embed_tokens.value = embed  # the target's arrays themselves, as load_draft binds them
+    draft.lm_head.value = embed if dcfg.tied_head else tstate["lm_head"][...]
     ddef, dstate = nnx.split(draft)
     return (Target(tcfg, tdef, tstate, f"<random {shape}>"), DraftHandle(dcfg, ddef, dstate, f"<random {shape}>"))
 

@@ -282,6 +282,45 @@ def test_frozen_copies_may_be_absent(tmp_path, target, drafts):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_tied_target_lends_its_embedding_as_the_head(tmp_path):
+    """A tied target's draft binds the embedding itself as its frozen head ([vocab, hidden], no transposed copy:
+    0.78 GB in bf16 at Qwen3-4B): one buffer, the same logits and tokens as a draft holding W_lm = E^T, the
+    checkpoint's lm_head.weight still compared with it, and exported in the checkpoint's layout."""
+    from conftest import tiny_qwen3_hf
+    from draft_factory import random_draft
+
+    from conversion.export import export_draft
+
+    folder, _ = tiny_qwen3_hf(tmp_path, tied=True)
+    target = dj.load_target(str(folder), dtype="float32")
+    own = random_draft(target, markov_rank=8, confidence=True)  # holds its own [hidden, vocab] head
+    assert not own.config.tied_head
+    export_draft(str(tmp_path / "draft"), own.config, own.state, dtype="float32")
+    draft = dj.load_draft(str(tmp_path / "draft"), target)
+    embed = target.state["embed_tokens"][...]
+    assert draft.config.tied_head and draft.state["lm_head"][...].shape == embed.shape
+    for name in ("embed_tokens", "lm_head"):
+        assert draft.state[name][...].unsafe_buffer_pointer() == embed.unsafe_buffer_pointer(), name
+    hidden = jax.random.normal(jax.random.key(0), (2, 3, target.config.hidden_size))
+    want = own.module().base_logits(hidden)
+    assert rel_err(draft.module().base_logits(hidden), want) <= 1e-6
+    prompts = [[5, 17, 30, 9, 44, 100, 7]]
+    a = dj.generate(target, draft, prompts=prompts, max_new_tokens=12)
+    b = dj.generate(target, own, prompts=prompts, max_new_tokens=12)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    export_draft(str(tmp_path / "again"), draft.config, draft.state, dtype="float32")
+    with open_checkpoint(str(tmp_path / "draft")) as first, open_checkpoint(str(tmp_path / "again")) as second:
+        assert first.keys() == second.keys()
+        np.testing.assert_array_equal(second.read("lm_head.weight"), first.read("lm_head.weight"))
+    with open_checkpoint(str(tmp_path / "draft")) as reader:
+        tensors = {k: reader.read(k) for k in reader.keys()}
+    _perturb("lm_head.weight")(tensors)
+    save_safetensors(str(tmp_path / "draft" / "model.safetensors"), tensors)
+    with pytest.raises(DSparkError) as e:
+        dj.load_draft(str(tmp_path / "draft"), target)
+    assert_one_line_error(e, "lm_head.weight", "target")
+
+
 def _other_target(target, **changes):
     """A target of another geometry; abstract weights suffice since check_target refuses before reading them."""
     config = dataclasses.replace(target.config, **changes)

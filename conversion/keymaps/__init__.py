@@ -1,7 +1,7 @@
 """Key maps: ordered tables of (source regex, tree path template, transform name), one per checkpoint family."""
 
 from conversion.keymaps.deepseek_v4 import DEEPSEEK_V4_DRAFT_KEYMAP, DEEPSEEK_V4_KEYMAP
-from conversion.keymaps.dspark import DRAFT_KEYMAP, GEMMA4_DRAFT_KEYMAP
+from conversion.keymaps.dspark import DRAFT_KEYMAP, GEMMA4_DRAFT_KEYMAP, tied_head_keymap
 from conversion.keymaps.gemma4 import GEMMA4_KEYMAP
 from conversion.keymaps.qwen3 import QWEN3_KEYMAP
 from conversion.keymaps.qwen3_moe import QWEN3_MOE_KEYMAP
@@ -17,3 +17,8 @@ KEYMAPS = {
     "deepseek_v4": DEEPSEEK_V4_KEYMAP,
     "deepseek_v4_draft": DEEPSEEK_V4_DRAFT_KEYMAP,  # mtp.* of a -DSpark folder (V4 §4.2)
 }
+
+
+def keymap_for(kind: str, config) -> tuple:
+    """The key map of checkpoint `kind` for a model of `config` (a `tied_head` draft reads its head as stored)."""
+    return tied_head_keymap(KEYMAPS[kind]) if getattr(config, "tied_head", False) else KEYMAPS[kind]

@@ -27,3 +27,9 @@ GEMMA4_DRAFT_KEYMAP = (
     (r"layers\.(\d+)\.post_feedforward_layernorm\.weight", "layers.{0}.post_feedforward_layernorm.weight", "identity"),
     (r"layers\.(\d+)\.layer_scalar", "layers.{0}.layer_scalar", "identity"),  # [1] buffer, loaded as LayerScalar
 )
+
+
+def tied_head_keymap(keymap: tuple) -> tuple:
+    """`keymap` for a draft whose LM head is its tied target's embedding ([vocab, hidden], DraftConfig.tied_head):
+    lm_head.weight, stored [vocab, hidden] as well, is read as it is."""
+    return tuple((pattern, path, "identity" if path == "lm_head" else fn) for pattern, path, fn in keymap)

@@ -16,7 +16,8 @@ MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 class DraftConfig:
     """A DSpark / DFlash draft (spec §3, §5.1): its own layer stack over the target's geometry.
 
-    `model` holds the inherited geometry with `num_hidden_layers` = draft layers.
+    `model` holds the inherited geometry with `num_hidden_layers` = draft layers; `tied_head`: the LM head is the
+    target's embedding table (see the field).
     """
 
     model: Qwen3Config
@@ -30,6 +31,10 @@ class DraftConfig:
     confidence_head_with_markov: bool = False
     num_anchors: int = 512
     gemma4: Gemma4DraftGeometry | None = None  # set for a Gemma4DSparkModel draft (spec §4.5); None = Qwen3 flavour
+    # The target ties its LM head to its embedding, and the draft's frozen head copy (spec §5.3) is that table as it
+    # stands, [vocab, hidden], not a transposed copy (0.78 GB in bf16 at Qwen3-4B). Set by loading.load_draft from
+    # the target; not a config.json field.
+    tied_head: bool = False
 
     def __post_init__(self):
         _positive("block_size", self.block_size)

@@ -27,7 +27,8 @@ def decoder_layer(config: DraftConfig, rngs: nnx.Rngs | None) -> nnx.Module:
 
 
 class Draft(nnx.Module):
-    """Params: embed_tokens [vocab, hidden] and lm_head [hidden, vocab] (Frozen copies of the target's, spec §5.3),
+    """Params: embed_tokens [vocab, hidden] and lm_head [hidden, vocab] (Frozen copies of the target's, spec §5.3;
+    a `tied_head` draft's lm_head is the target's embedding, [vocab, hidden]),
     fc [taps * hidden, hidden], hidden_norm, layers, norm, and optionally markov_head / confidence_head.
     """
 
@@ -43,7 +44,10 @@ class Draft(nnx.Module):
         self.hidden_norm = norm(c.hidden_size, c.rms_norm_eps, **kw)
         self.layers = nnx.List([decoder_layer(config, rngs) for _ in range(c.num_hidden_layers)])
         self.norm = norm(c.hidden_size, c.rms_norm_eps, **kw)
-        self.lm_head = declare(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype, kind=Frozen)
+        if config.tied_head:  # the tied target's embedding itself, out-major as it stands (no [hidden, vocab] copy)
+            self.lm_head = declare(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype, kind=Frozen)
+        else:
+            self.lm_head = declare(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype, kind=Frozen)
         if config.use_markov:
             self.markov_head = MarkovHead(
                 c.vocab_size,
@@ -58,9 +62,11 @@ class Draft(nnx.Module):
             self.confidence_head = ConfidenceHead(n_in, param_dtype=c.param_dtype, rngs=rngs)
 
     def to_out_major(self) -> None:
-        """Store fc and lm_head out-major, in place (for a decode copy; the layers convert themselves)."""
-        for p in (self.fc, self.lm_head):
-            p.value = compact(out_major(p[...], 1))
+        """Store fc and lm_head out-major, in place (for a decode copy; the layers convert themselves). A tied head is
+        out-major already."""
+        self.fc.value = compact(out_major(self.fc[...], 1))
+        head = self.lm_head[...]
+        self.lm_head.value = compact(head if self.config.tied_head else out_major(head, 1))
         self.out_major = True
 
     # ---------------------------------------------------------------------------------------------- context (§4.1)
@@ -145,8 +151,8 @@ class Draft(nnx.Module):
     def base_logits(self, hidden: jax.Array) -> jax.Array:
         """u_j = W_lm h_j (spec §4.6): [..., hidden] -> f32[..., vocab]."""
         dtype = self.config.model.dtype
-        w = self.lm_head[...]
-        logits = dense(hidden.astype(dtype), w, self.out_major, preferred_element_type=jnp.float32)
+        head_out_major = self.out_major or self.config.tied_head
+        logits = dense(hidden.astype(dtype), self.lm_head[...], head_out_major, preferred_element_type=jnp.float32)
         return logits if self.config.gemma4 is None else soft_cap(logits, self.config.gemma4.final_logit_softcapping)
 
     # ------------------------------------------------------------------------------------------- heads (§4.7-4.8)
