@@ -157,7 +157,8 @@ def _convert_into(folder: str, src: str, dst: str, kind: str, dtype: str, mesh) 
         graphdef, state = load_params(folder, detected, Draft, config, mesh, src)
     extras = tuple(
         os.path.join(folder, f)
-        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+        # calibration.json: a draft's confidence temperatures and the tree builder's rank factors (spec §10)
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", checkpoints.CALIBRATION_FILE)
         if os.path.isfile(os.path.join(folder, f))
     )
     try:

@@ -70,6 +70,22 @@ def test_orbax_round_trip_through_cli(hf_folder, tmp_path, capsys, dtype, mesh):
     assert leaf.dtype == np.dtype(dtype)
 
 
+def test_converted_draft_keeps_its_calibration(tmp_path):
+    """A draft converted to orbax decodes as its safetensors folder does, its calibration.json included (the
+    confidence temperatures the scheduler reads, spec §10, and any rank factors of the tree builder)."""
+    from dspark_jax.generate import ASSETS
+
+    dst = tmp_path / "draft"
+    convert_checkpoint(os.path.join(ASSETS, "dspark"), str(dst), dtype="float32")
+    target = dj.load_target(os.path.join(ASSETS, "target"), dtype="float32")
+    converted, original = (dj.load_draft(path, target) for path in (str(dst), os.path.join(ASSETS, "dspark")))
+    assert original.calibration is not None
+    np.testing.assert_array_equal(converted.calibration, original.calibration)
+    prompts = [[5, 17, 301, 9, 44]]
+    a, b = (dj.generate(target, d, prompts=prompts, max_new_tokens=16, verify="full") for d in (converted, original))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+
+
 def test_load_target_from_orbax_into_a_mesh(hf_folder, tmp_path):
     dst = tmp_path / "ckpt"
     convert_checkpoint(str(hf_folder), str(dst), dtype="float32")
