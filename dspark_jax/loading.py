@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from conversion.loader import (
+    abstract_model,
     check_dtype,
     checkpoint_kind,
     convert_checkpoint,
@@ -228,16 +229,38 @@ def load_draft(path_or_id: str, target: Target, v4_options: dict | None = None) 
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=target.config.dtype))
     config.check_target(target.config)
     t = target.state
-    orbax = is_orbax_checkpoint(folder)
-    # A tied target's embedding is bound as the draft's head as it stands, not as a transposed copy (0.78 GB in bf16
-    # at Qwen3-4B). An orbax draft (conversion.convert, which has no target to bind) restores its own copies.
-    config = dataclasses.replace(config, tied_head=target.config.tie_word_embeddings and not orbax)
-    head = t["embed_tokens"][...] if target.config.tie_word_embeddings else t["lm_head"][...]
-    bound = None if orbax else {("embed_tokens",): t["embed_tokens"][...], ("lm_head",): head}
-    graphdef, state = load_params(folder, kind, Draft, config, target.mesh, path_or_id, bound=bound)
+    # A tied target's embedding is bound as the draft's head too, as it stands: no transposed copy (0.78 GB in bf16
+    # at Qwen3-4B).
+    tied = target.config.tie_word_embeddings
+    bound = {("embed_tokens",): t["embed_tokens"][...], ("lm_head",): t["embed_tokens" if tied else "lm_head"][...]}
+    if is_orbax_checkpoint(folder):  # conversion.convert had no target to bind: the folder holds its own copies
+        _, state = load_params(folder, kind, Draft, config, target.mesh, path_or_id)
+        config = dataclasses.replace(config, tied_head=tied)
+        graphdef, state = _bind_restored_copies(state, config, bound, path_or_id)
+    else:
+        config = dataclasses.replace(config, tied_head=tied)
+        graphdef, state = load_params(folder, kind, Draft, config, target.mesh, path_or_id, bound=bound)
     calibration = load_calibration(folder, config.block_size) if config.enable_confidence_head else None
     factors = load_rank_factors(folder, config.block_size)
     return DraftHandle(config, graphdef, state, folder, calibration, factors, target.mesh, target)
+
+
+def _bind_restored_copies(state: nnx.State, config: DraftConfig, bound: dict, source: str):
+    """(graphdef, state) of a Draft of `config` from the restored `state` of an orbax draft (in-major head), whose
+    frozen copies must equal the target's arrays in `bound` (spec §5.3, as `load_params` checks a safetensors
+    draft's); the target's arrays replace them."""
+    graphdef, abstract = abstract_model(Draft, config)
+    restored = dict(state.flat_state())
+    for path, value in bound.items():
+        own = np.asarray(restored[path].get_value())
+        theirs = np.asarray(value).astype(own.dtype)
+        if not np.array_equal(own, theirs.T if path == ("lm_head",) and config.tied_head else theirs):
+            raise DSparkError(
+                f"checkpoint {source!r}: {'.'.join(path)} differs from the target's copy; the draft was trained "
+                "against another target"
+            )
+    filled = [(p, v.replace(bound[p] if p in bound else restored[p].get_value())) for p, v in abstract.flat_state()]
+    return graphdef, nnx.State.from_flat_path(filled)
 
 
 def has_own_draft(path_or_id: str) -> bool:

@@ -81,9 +81,32 @@ def test_converted_draft_keeps_its_calibration(tmp_path):
     converted, original = (dj.load_draft(path, target) for path in (str(dst), os.path.join(ASSETS, "dspark")))
     assert original.calibration is not None
     np.testing.assert_array_equal(converted.calibration, original.calibration)
+    # The folder's own frozen copies were checked against the target's arrays, which replace them (a tied head: the
+    # embedding itself, as `load_draft` binds a safetensors draft's).
+    embed = target.state["embed_tokens"][...]
+    assert converted.config.tied_head == original.config.tied_head == target.config.tie_word_embeddings
+    for name in ("embed_tokens", "lm_head"):
+        assert converted.state[name][...].unsafe_buffer_pointer() == embed.unsafe_buffer_pointer(), name
     prompts = [[5, 17, 301, 9, 44]]
     a, b = (dj.generate(target, d, prompts=prompts, max_new_tokens=16, verify="full") for d in (converted, original))
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+
+
+def test_converted_draft_of_another_target_is_refused(tmp_path):
+    from dspark_jax.generate import ASSETS
+
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(ASSETS, "dspark"), src)
+    with open_checkpoint(str(src)) as reader:
+        tensors = {k: reader.read(k) for k in reader.keys()}
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].copy()
+    tensors["lm_head.weight"][3, 5] += 1
+    save_safetensors(str(src / "model.safetensors"), tensors)
+    convert_checkpoint(str(src), str(tmp_path / "draft"), dtype="float32")  # no target here to compare with
+    target = dj.load_target(os.path.join(ASSETS, "target"), dtype="float32")
+    with pytest.raises(DSparkError, match=r"lm_head differs from the target's copy") as e:
+        dj.load_draft(str(tmp_path / "draft"), target)
+    assert "\n" not in str(e.value)
 
 
 def test_load_target_from_orbax_into_a_mesh(hf_folder, tmp_path):
