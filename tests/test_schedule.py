@@ -137,11 +137,11 @@ def test_gate_runs_on_measured_tokens():
 
 
 def test_first_round_follows_the_measured_gain():
-    """With a gain measured by the cost table's timing run, the first round drafts unless that gain dooms it: even
-    a round committing every slot it verifies leaves the running mean, with its optimism, below the bar the gate
-    closes on. Without one, the typical confidences decide, by GATE_MARGIN."""
+    """With a gain measured by the cost table's timing run, a one-row batch's first round drafts unless that gain
+    dooms it: even a round committing every slot it verifies leaves the running mean, with its optimism, below the
+    bar the gate closes on. Without one, the typical confidences decide, by GATE_MARGIN."""
     seconds, widths = [1.1, 1.2, 1.6], [1, 2, 4]
-    init = functools.partial(SchedulerState.initial, np.ones(3), seconds, 1.0, 2, widths=widths)
+    init = functools.partial(SchedulerState.initial, np.ones(3), seconds, 1.0, 1, widths=widths)
     near = init(prior=[0.0, 0.0, 0.0], gain=1.0, spread=1.0)  # break-even: one round more costs little
     assert bool(near.drafting) and np.allclose(near.gain, 1.0) and np.allclose(near.spread, 1.0)
     assert int(near.idle_rounds) == 0 and int(near.drafted) == 0
@@ -154,6 +154,23 @@ def test_first_round_follows_the_measured_gain():
     off = init(prior=[0.1, 0.0, 0.0])  # unmeasured: 1.1 tokens in 1.2 s at best
     assert not bool(off.drafting) and int(off.probe_every) == PRIOR_PROBE_EVERY
     assert bool(init(prior=[0.9, 0.9, 0.9]).drafting)  # the confidences promise 3.4 tokens in 1.6 s
+
+
+@pytest.mark.parametrize("rows", [2, 4, 64])
+def test_several_rows_start_drafting_only_on_a_paying_gain(rows):
+    """With several rows the first round drafts only if the table's gain (its slowest row's tokens a round) beats
+    plain decoding as measured: near break-even the optimistic start of one row would lose 2-3 rounds a batch."""
+    init = functools.partial(SchedulerState.initial, np.ones(3), [1.1, 1.2, 1.6], 1.0, rows, widths=[1, 2, 4])
+    prior = [0.9, 0.9, 0.9]  # width 4 planned: 1.6 s a round
+    near = init(prior=prior, gain=1.55, spread=4.0)  # 0.97 tokens/s against plain's 1: shut, however noisy
+    assert not bool(near.drafting) and int(near.probe_every) >= PRIOR_PROBE_EVERY
+    assert bool(
+        SchedulerState.initial(
+            np.ones(3), [1.1, 1.2, 1.6], 1.0, 1, widths=[1, 2, 4], prior=prior, gain=1.55, spread=4.0
+        ).drafting
+    )  # one row: optimistic
+    paying = init(prior=prior, gain=1.7, spread=0.25)  # 1.06 tokens/s
+    assert bool(paying.drafting) and int(paying.idle_rounds) == 0
 
 
 def test_first_round_takes_the_planned_widths_gain():
