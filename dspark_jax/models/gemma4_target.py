@@ -26,7 +26,7 @@ from dspark_jax.layers.attention import (
     heads_major,
     partial_attention,
 )
-from dspark_jax.layers.linear import take_rows
+from dspark_jax.layers.linear import dense, take_rows
 from dspark_jax.layers.params import declare
 from dspark_jax.models.gemma4 import Gemma4Attention, Gemma4MLP, Gemma4RMSNorm, LayerScalar, embed_scale, soft_cap
 
@@ -163,8 +163,12 @@ class Gemma4(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden [..., hidden] -> soft-capped f32[..., vocab] (cap * tanh(logits / cap))."""
         c = self.config
-        w = self.embed_tokens[...].astype(c.dtype).T if c.tie_word_embeddings else self.lm_head[...].astype(c.dtype)
-        logits = jnp.einsum("...d,dv->...v", hidden.astype(c.dtype), w, preferred_element_type=jnp.float32)
+        # A tied head is the embedding, out-major as it stands, through `dense`: an einsum with `.T` made XLA:CPU
+        # transpose a widened copy of a bf16 table every one-row step (a [32768, 256] bf16 head ran 2.2-2.4x slower
+        # at 1 row and 4-5x at 8 rows; benchmarks/RESULTS.md, session 22).
+        tied = c.tie_word_embeddings
+        w = self.embed_tokens[...] if tied else self.lm_head[...]
+        logits = dense(hidden.astype(c.dtype), w, tied, preferred_element_type=jnp.float32)
         return soft_cap(logits, c.final_logit_softcapping)
 
     def __call__(
