@@ -13,7 +13,7 @@ from flax import nnx
 
 from dspark_jax.cache import DeepseekV4Cache
 from dspark_jax.configs import DeepseekV4Config
-from dspark_jax.layers.linear import take_rows
+from dspark_jax.layers.linear import dense, take_rows
 from dspark_jax.layers.mhc import HyperConnection, HyperHead
 from dspark_jax.layers.moe import MoE
 from dspark_jax.layers.params import declare
@@ -108,10 +108,9 @@ class DeepseekV4(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden [..., hidden] -> f32[..., vocab]."""
         c = self.config
-        w = self.embed[...].T if c.tie_word_embeddings else self.head[...]
-        return jnp.einsum(
-            "...d,dv->...v", hidden.astype(c.dtype), w.astype(c.dtype), preferred_element_type=jnp.float32
-        )
+        tied = c.tie_word_embeddings  # the embedding, out-major as it stands (no `.T`: see Gemma4.logits)
+        w = self.embed[...] if tied else self.head[...]
+        return dense(hidden.astype(c.dtype), w, tied, preferred_element_type=jnp.float32)
 
     def __call__(
         self,
