@@ -284,8 +284,8 @@ def test_frozen_copies_may_be_absent(tmp_path, target, drafts):
 
 def test_tied_target_lends_its_embedding_as_the_head(tmp_path):
     """A tied target's draft binds the embedding itself as its frozen head ([vocab, hidden], no transposed copy:
-    0.78 GB in bf16 at Qwen3-4B): one buffer, the same logits and tokens as a draft holding W_lm = E^T, the
-    checkpoint's lm_head.weight still compared with it, and exported in the checkpoint's layout."""
+    0.78 GB in bf16 at Qwen3-4B): one buffer, the same logits as a draft holding W_lm = E^T, the checkpoint's
+    lm_head.weight still compared with it, and exported in the checkpoint's layout."""
     from conftest import tiny_qwen3_hf
     from draft_factory import random_draft
 
@@ -304,10 +304,7 @@ def test_tied_target_lends_its_embedding_as_the_head(tmp_path):
     hidden = jax.random.normal(jax.random.key(0), (2, 3, target.config.hidden_size))
     want = own.module().base_logits(hidden)
     assert rel_err(draft.module().base_logits(hidden), want) <= 1e-6
-    prompts = [[5, 17, 30, 9, 44, 100, 7]]
-    a = dj.generate(target, draft, prompts=prompts, max_new_tokens=12)
-    b = dj.generate(target, own, prompts=prompts, max_new_tokens=12)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    # (The embedded pair's target is tied: every test that decodes with it runs such a draft end to end.)
     export_draft(str(tmp_path / "again"), draft.config, draft.state, dtype="float32")
     with open_checkpoint(str(tmp_path / "draft")) as first, open_checkpoint(str(tmp_path / "again")) as second:
         assert first.keys() == second.keys()
