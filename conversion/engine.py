@@ -156,11 +156,7 @@ def convert_state(
                 )
             del source_array
             if path in bound:
-                if not np.array_equal(np.asarray(bound[path]).astype(dtype), array):
-                    raise DSparkError(
-                        f"checkpoint {source!r}: {key} differs from the target's copy; the draft was "
-                        "trained against another target"
-                    )
+                check_bound_copy(source, key, bound[path], array)
                 bar.update(reader.spec(key).nbytes)
                 continue
             filled[path] = var.replace(_place(array, _show(path), var, mesh, rules))
@@ -169,6 +165,16 @@ def convert_state(
     for path, value in bound.items():
         filled[path] = flat[path].replace(value)
     return nnx.State.from_flat_path([(p, filled[p]) for p in flat])
+
+
+def check_bound_copy(source: str, name: str, bound, stored: np.ndarray) -> None:
+    """A checkpoint's own copy `stored` of an array the caller binds (a draft's frozen embedding / LM head, spec §5.3)
+    must equal it exactly, in the copy's dtype; otherwise one-line DSparkError naming `name`."""
+    if not np.array_equal(np.asarray(bound).astype(stored.dtype), stored):
+        raise DSparkError(
+            f"checkpoint {source!r}: {name} differs from the target's copy; the draft was trained against another "
+            "target"
+        )
 
 
 class DestinationClaim:
@@ -314,4 +320,4 @@ def _place(array: np.ndarray, name: str, var, mesh, rules) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-__all__ = ["plan", "convert_state", "claim_destination", "FLOAT_DTYPES"]
+__all__ = ["plan", "convert_state", "check_bound_copy", "claim_destination", "FLOAT_DTYPES"]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from conversion.engine import check_bound_copy
 from conversion.loader import (
     abstract_model,
     check_dtype,
@@ -233,13 +234,13 @@ def load_draft(path_or_id: str, target: Target, v4_options: dict | None = None) 
     # at Qwen3-4B).
     tied = target.config.tie_word_embeddings
     bound = {("embed_tokens",): t["embed_tokens"][...], ("lm_head",): t["embed_tokens" if tied else "lm_head"][...]}
+    bound_config = dataclasses.replace(config, tied_head=tied)
     if is_orbax_checkpoint(folder):  # conversion.convert had no target to bind: the folder holds its own copies
         _, state = load_params(folder, kind, Draft, config, target.mesh, path_or_id)
-        config = dataclasses.replace(config, tied_head=tied)
-        graphdef, state = _bind_restored_copies(state, config, bound, path_or_id)
+        graphdef, state = _bind_restored_copies(state, bound_config, bound, path_or_id)
     else:
-        config = dataclasses.replace(config, tied_head=tied)
-        graphdef, state = load_params(folder, kind, Draft, config, target.mesh, path_or_id, bound=bound)
+        graphdef, state = load_params(folder, kind, Draft, bound_config, target.mesh, path_or_id, bound=bound)
+    config = bound_config
     calibration = load_calibration(folder, config.block_size) if config.enable_confidence_head else None
     factors = load_rank_factors(folder, config.block_size)
     return DraftHandle(config, graphdef, state, folder, calibration, factors, target.mesh, target)
@@ -252,13 +253,8 @@ def _bind_restored_copies(state: nnx.State, config: DraftConfig, bound: dict, so
     graphdef, abstract = abstract_model(Draft, config)
     restored = dict(state.flat_state())
     for path, value in bound.items():
-        own = np.asarray(restored[path].get_value())
-        theirs = np.asarray(value).astype(own.dtype)
-        if not np.array_equal(own, theirs.T if path == ("lm_head",) and config.tied_head else theirs):
-            raise DSparkError(
-                f"checkpoint {source!r}: {'.'.join(path)} differs from the target's copy; the draft was trained "
-                "against another target"
-            )
+        own = np.asarray(restored[path].get_value())  # the in-major head: its transpose is the tied embedding
+        check_bound_copy(source, ".".join(path), value, own.T if path == ("lm_head",) and config.tied_head else own)
     filled = [(p, v.replace(bound[p] if p in bound else restored[p].get_value())) for p, v in abstract.flat_state()]
     return graphdef, nnx.State.from_flat_path(filled)
 
