@@ -220,21 +220,23 @@ def _initial(
     off = dataclasses.replace(state, drafting=jnp.bool_(False), idle_rounds=jnp.int32(0), probe_every=jnp.int32(NEVER))
     if not drafting:
         return off
-    if measured and batch == 1:
-        # If even a round committing all its `widths[planned]` slots leaves the running mean (at the steady weight,
-        # with its optimism) below the bar the gate closes on, the round is a certain waste: the gate starts shut.
-        # Otherwise the first round drafts: the table's gain is the first rounds of one answer, which commit less
-        # than the answer's mean (0.85x on the embedded pair), and one round more costs little.
-        best = (1 - GAIN_WEIGHT) * gain + GAIN_WEIGHT * widths[planned].astype(jnp.float32)
-        best = best + _optimism(spread, GAIN_WEIGHT)
+    if measured:
+        if batch == 1:
+            # If even a round committing all its `widths[planned]` slots leaves the running mean (at the steady
+            # weight, with its optimism) below the bar the gate closes on, the round is a certain waste: the gate
+            # starts shut. Otherwise the first round drafts: the table's gain is the first rounds of one answer,
+            # which commit less than the answer's mean (0.85x on the embedded pair), and one round more costs little.
+            best = (1 - GAIN_WEIGHT) * gain + GAIN_WEIGHT * widths[planned].astype(jnp.float32)
+            best = best + _optimism(spread, GAIN_WEIGHT)
+        else:
+            # Several rows: the table's gain is its slowest row's, the pace a batch keeps, and the first round drafts
+            # only if that gain as measured beats plain decoding. Replayed near break-even (gate_replay_batch.py,
+            # held-out rounds), the optimistic start above kept the gate open for 2-3 losing rounds: batch 4 with a
+            # widest round at 3.1-3.7 plain steps ran at 0.944-0.960x plain with it and 0.979-0.990x without; batch 8
+            # at width 4 and 2.4-2.8 steps at 0.949-0.973x with it and 1.00x without (benchmarks/RESULTS.md,
+            # session 22).
+            best = gain
         theta = jnp.where(best / seconds <= GATE_CLOSE / plain_seconds, best / seconds, jnp.inf)
-    elif measured:
-        # Several rows: the table's gain is its slowest row's, the pace a batch keeps, and the first round drafts only
-        # if that gain as measured beats plain decoding. Replayed near break-even (gate_replay_batch.py, held-out
-        # rounds), the optimistic start above kept the gate open for 2-3 losing rounds: batch 4 with a widest round
-        # at 3.1-3.7 plain steps ran at 0.944-0.960x plain with it and 0.979-0.990x without; batch 8 at width 4 and
-        # 2.4-2.8 steps at 0.949-0.973x with it and 1.00x without (benchmarks/RESULTS.md, session 22).
-        theta = jnp.where(gain / seconds <= GATE_CLOSE / plain_seconds, gain / seconds, jnp.inf)
     opened = state.after_round(theta, jnp.int32(1), seconds)
     probe_every = jnp.where(opened.drafting, opened.probe_every, jnp.maximum(opened.probe_every, PRIOR_PROBE_EVERY))
     opened = dataclasses.replace(opened, idle_rounds=jnp.int32(0), probe_every=probe_every)
