@@ -182,3 +182,22 @@ def _same(a, b) -> bool:
     return jax.tree.structure(a) == jax.tree.structure(b) and all(
         bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
     )
+
+
+def test_compile_time_script_at_tiny_shape(tmp_path, monkeypatch, capsys):
+    """benchmarks/compile_time.py (the issue's compile-time measure at Qwen3-4B / V4 shapes, abstract parameters)
+    still lowers and compiles prefill and loop with the package's current signatures: plain and a 4-width loop."""
+    import runpy
+
+    out = tmp_path / "compile.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_time.py")
+    argv = ["compile_time.py", "--shape", "tiny", "--dtype", "float32", "--policies", "plain", "threshold"]
+    monkeypatch.setattr("sys.argv", [*argv, "--max-new-tokens", "16", "--out", str(out)])
+    runpy.run_path(script, run_name="__main__")
+    report = json.loads(out.read_text())
+    assert [r["verify"] for r in report["runs"]] == ["plain", "threshold:0.5"]
+    for run in report["runs"]:
+        assert all(run[k] > 0 for k in ("prefill_lower_s", "prefill_compile_s", "loop_lower_s", "loop_compile_s"))
+    plain, narrow = report["runs"]
+    assert narrow["loop_hlo_chars"] > plain["loop_hlo_chars"]  # four target widths against one
+
