@@ -244,10 +244,13 @@ def random_pair(shape: str, dtype: str, seed: int):
     return (Target(tcfg, tdef, tstate, f"<random {shape}>"), DraftHandle(dcfg, ddef, dstate, f"<random {shape}>"))
 
 
-def _state_bytes(state) -> int:
+def _state_bytes(state, shared=None) -> int:
+    """Bytes of the arrays in `state`, leaving out any that is one of `shared`'s arrays (a draft's bound embedding
+    and head are the target's own buffers, not a second copy)."""
     import jax
 
-    return int(sum(x.nbytes for x in jax.tree.leaves(state)))
+    theirs = {id(x) for x in jax.tree.leaves(shared)} if shared is not None else set()
+    return int(sum(x.nbytes for x in jax.tree.leaves(state) if id(x) not in theirs))
 
 
 # ------------------------------------------------------------------------------------------------ measurements
@@ -529,7 +532,8 @@ def run(args, log=print, argv: list[str] | None = None, mesh=None) -> dict:
         if pair is None:
             return report
         target, draft = pair
-    weight_bytes = _state_bytes(target.decode_parts()[1])  # what the loop streams (on CPU: the compact copy)
+    target_arrays = target.decode_parts()[1]
+    weight_bytes = _state_bytes(target_arrays)  # what the loop streams (on CPU: the compact copy)
     report["config"]["target"] = {
         **dataclasses.asdict(target.config),
         "path": target.path,
@@ -544,7 +548,7 @@ def run(args, log=print, argv: list[str] | None = None, mesh=None) -> dict:
         "markov_head_type": dc.markov_head_type,
         "confidence_head": dc.enable_confidence_head,
         "target_layer_ids": list(dc.target_layer_ids),
-        "weight_bytes": _state_bytes(draft.decode_parts()[1]),
+        "weight_bytes": _state_bytes(draft.decode_parts()[1], shared=target_arrays),  # its own, not the target's
     }
     copy_gb_s = (report.get("bandwidth") or {}).get("gb_per_s")
     peak_gb_s = next((v for k, v in PEAK_GB_PER_S.items() if k in machine["device_kind"]), None)

@@ -201,3 +201,11 @@ def test_compile_time_script_at_tiny_shape(tmp_path, monkeypatch, capsys):
     plain, narrow = report["runs"]
     assert narrow["loop_hlo_chars"] > plain["loop_hlo_chars"]  # four target widths against one
 
+
+def test_draft_weight_bytes_leave_out_the_targets_arrays(tiny):
+    """The report's draft weight_bytes count what the draft holds of its own: its bound embedding and head (the tiny
+    target is tied, so both are the target's embedding) are the target's buffers."""
+    target, draft, _ = tiny
+    theirs, own = target.decode_parts()[1], draft.decode_parts()[1]
+    table = target.config.vocab_size * target.config.hidden_size * 4  # f32
+    assert bench._state_bytes(own) - bench._state_bytes(own, shared=theirs) == 2 * table
