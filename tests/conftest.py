@@ -7,8 +7,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a device run sets JAX_PLATFORMS
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The CLIs' persistent compilation cache: one fresh folder per test session (subprocess CLIs inherit it), never the
-# user's cache.
-os.environ.setdefault("DSPARK_COMPILE_CACHE", __import__("tempfile").mkdtemp(prefix="dspark-xla-"))
+# user's cache, removed when the session ends.
+if "DSPARK_COMPILE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DSPARK_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="dspark-xla-")
+    atexit.register(shutil.rmtree, os.environ["DSPARK_COMPILE_CACHE"], ignore_errors=True)
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
