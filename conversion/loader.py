@@ -86,18 +86,19 @@ def abstract_model(model_cls, config) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def load_params(
-    folder: str, kind: str, model_cls, config, mesh, source: str, bound: dict | None = None
+    folder: str, kind: str, model_cls, config, mesh, source: str, bound: dict | None = None, host: tuple = ()
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) of `model_cls(config)` filled from an orbax folder or a safetensors folder.
 
     `kind` (from `checkpoint_kind`) picks the key map; `bound` maps tree paths to arrays the caller supplies (a
     draft's frozen copies of its target's embedding / LM head, spec §5.3). With a `mesh` every param lands in its
-    sharding from `ShardingRules`; without, on the default device.
+    sharding from `ShardingRules`; without, on the default device. `host`: tree paths an orbax folder restores as
+    numpy arrays (copies the caller only compares; `checkpoints.restore_state`).
     """
     graphdef, abstract = abstract_model(model_cls, config)
     shardings = state_shardings(abstract, mesh, ShardingRules()) if mesh is not None else None
     if checkpoints.is_orbax_checkpoint(folder):
-        return graphdef, checkpoints.restore_state(folder, abstract, shardings)
+        return graphdef, checkpoints.restore_state(folder, abstract, shardings, host)
     with open_checkpoint(folder) as reader:
         if kind == "qwen3_moe":  # the hub stores one tensor per expert: present them stacked (and checked)
             reader = StackedExperts(reader, config.num_experts, source)

@@ -4,6 +4,7 @@ restored into target shardings, and a draft's `calibration.json` (per-slot confi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -79,8 +80,12 @@ def save_state(dst: str, state: nnx.State, config: dict, extra_files: tuple[str,
             ckptr.wait_until_finished()
 
 
-def restore_state(src: str, abstract_state: nnx.State, shardings=None) -> nnx.State:
-    """Restore a state saved by `save_state` into the structure (and, if given, shardings) of `abstract_state`."""
+def restore_state(src: str, abstract_state: nnx.State, shardings=None, host: tuple = ()) -> nnx.State:
+    """Restore a state saved by `save_state` into the structure (and, if given, shardings) of `abstract_state`.
+
+    `host`: tree paths (tuples of keys) restored as numpy arrays in host memory instead of on the device: a draft's
+    frozen copies of its target's arrays, read only to be compared with them and then dropped.
+    """
     import orbax.checkpoint as ocp
 
     pure = abstract_state.to_pure_dict()
@@ -91,6 +96,9 @@ def restore_state(src: str, abstract_state: nnx.State, shardings=None) -> nnx.St
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), pure)
+    for path in host:  # orbax restores a leaf as the type of its target: a numpy array stays on the host
+        node = functools.reduce(lambda d, key: d[key], path[:-1], target)
+        node[path[-1]] = np.empty(node[path[-1]].shape, node[path[-1]].dtype)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(os.path.abspath(os.path.join(src, PARAMS_DIR)), target)

@@ -236,7 +236,8 @@ def load_draft(path_or_id: str, target: Target, v4_options: dict | None = None) 
     bound = {("embed_tokens",): t["embed_tokens"][...], ("lm_head",): t["embed_tokens" if tied else "lm_head"][...]}
     bound_config = dataclasses.replace(config, tied_head=tied)
     if is_orbax_checkpoint(folder):  # conversion.convert had no target to bind: the folder holds its own copies
-        _, state = load_params(folder, kind, Draft, config, target.mesh, path_or_id)
+        # restored to the host, compared, dropped: they never take device memory beside the target's
+        _, state = load_params(folder, kind, Draft, config, target.mesh, path_or_id, host=tuple(bound))
         graphdef, state = _bind_restored_copies(state, bound_config, bound, path_or_id)
     else:
         graphdef, state = load_params(folder, kind, Draft, bound_config, target.mesh, path_or_id, bound=bound)

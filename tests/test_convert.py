@@ -70,16 +70,26 @@ def test_orbax_round_trip_through_cli(hf_folder, tmp_path, capsys, dtype, mesh):
     assert leaf.dtype == np.dtype(dtype)
 
 
-def test_converted_draft_keeps_its_calibration(tmp_path):
+def test_converted_draft_keeps_its_calibration(tmp_path, monkeypatch):
     """A draft converted to orbax loads as its safetensors folder does: the same model and arrays, and its
     calibration.json (the confidence temperatures the scheduler reads, spec §10, and any rank factors of the tree
-    builder)."""
+    builder). Its own frozen copies are restored to the host only (compared, then dropped)."""
+    from dspark_jax import loading
     from dspark_jax.generate import ASSETS
 
+    restored_as, bind = {}, loading._bind_restored_copies
+
+    def spy(state, config, bound, source):
+        flat = dict(state.flat_state())
+        restored_as.update({path: type(flat[path].get_value()) for path in bound})
+        return bind(state, config, bound, source)
+
+    monkeypatch.setattr(loading, "_bind_restored_copies", spy)
     dst = tmp_path / "draft"
     convert_checkpoint(os.path.join(ASSETS, "dspark"), str(dst), dtype="float32")
     target = dj.load_target(os.path.join(ASSETS, "target"), dtype="float32")
     converted, original = (dj.load_draft(path, target) for path in (str(dst), os.path.join(ASSETS, "dspark")))
+    assert restored_as == {("embed_tokens",): np.ndarray, ("lm_head",): np.ndarray}
     assert original.calibration is not None
     np.testing.assert_array_equal(converted.calibration, original.calibration)
     # The folder's own frozen copies were checked against the target's arrays, which replace them (a tied head: the
