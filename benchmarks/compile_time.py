@@ -16,8 +16,8 @@ import json
 import time
 
 import jax
-from flax import nnx
 
+from conversion.loader import abstract_model
 from conversion.reader import load_manifest
 from dspark_jax.bench import RANDOM_SHAPES, random_pair_configs
 from dspark_jax.configs import DeepseekV4Config, DeepseekV4DraftConfig
@@ -36,12 +36,12 @@ def abstract_pair(shape: str, dtype: str):
         manifest = load_manifest(V4_SHAPES[shape])
         tcfg = DeepseekV4Config.from_hf_dict(manifest["config"], shape).with_dtype(dtype)
         dcfg = DeepseekV4DraftConfig.from_hf_dict(manifest["config"], shape, model=tcfg).with_dtype(dtype)
-        models = DeepseekV4, DeepseekV4Draft
+        target_cls, draft_cls = DeepseekV4, DeepseekV4Draft
     else:
         tcfg, dcfg = random_pair_configs(shape, dtype)
-        models = Qwen3, Draft
-    tdef, tstate = nnx.split(nnx.eval_shape(lambda: models[0](tcfg, rngs=nnx.Rngs(0))))
-    ddef, dstate = nnx.split(nnx.eval_shape(lambda: models[1](dcfg, rngs=nnx.Rngs(0))))
+        target_cls, draft_cls = Qwen3, Draft
+    tdef, tstate = abstract_model(target_cls, tcfg)
+    ddef, dstate = abstract_model(draft_cls, dcfg)
     return Target(tcfg, tdef, tstate, shape), DraftHandle(dcfg, ddef, dstate, shape)
 
 
