@@ -6,15 +6,18 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a device run sets JAX_PLATFORMS=cuda for the gpu-marked tests
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The CLIs' persistent compilation cache: one fresh folder per test session (subprocess CLIs inherit it), never the
-# user's cache, removed when the session ends.
-if "DSPARK_COMPILE_CACHE" not in os.environ:
+# The CLIs' persistent compilation cache and the measured product forms (layers/product_forms.py): in one fresh
+# folder per test session (subprocess CLIs inherit it), never the user's cache, removed when the session ends.
+if "DSPARK_COMPILE_CACHE" not in os.environ or "DSPARK_PRODUCT_FORMS" not in os.environ:
     import atexit
     import shutil
     import tempfile
 
-    os.environ["DSPARK_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="dspark-xla-")
-    atexit.register(shutil.rmtree, os.environ["DSPARK_COMPILE_CACHE"], ignore_errors=True)
+    _scratch = tempfile.mkdtemp(prefix="dspark-xla-")
+    atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
+    os.environ.setdefault("DSPARK_COMPILE_CACHE", os.path.join(_scratch, "xla"))
+    os.makedirs(os.environ["DSPARK_COMPILE_CACHE"], exist_ok=True)
+    os.environ.setdefault("DSPARK_PRODUCT_FORMS", os.path.join(_scratch, "product_forms.json"))
 
 import json  # noqa: E402
 import pathlib  # noqa: E402

@@ -1,6 +1,7 @@
 """The out-major CPU decode layout (layers/linear.py): same numbers as the declared layout, a copy that leaves the
 loaded model alone, and none under a mesh."""
 
+import json
 import os
 
 import jax
@@ -12,6 +13,7 @@ from flax import nnx
 
 import dspark_jax as dj
 from dspark_jax.generate import ASSETS
+from dspark_jax.layers import linear, product_forms
 from dspark_jax.layers.linear import (
     COMPACT_PRODUCT_ROWS,
     ROW_PRODUCT_MIN_SIZE,
@@ -51,6 +53,65 @@ def test_compact_kernel_gives_the_same_products(rows):
     assert rel_err(np.asarray(got), np.asarray(x @ w)) <= 1e-6
 
 
+@pytest.mark.parametrize("form", ["row", "transposed_dot"])
+def test_one_row_forms_give_the_same_products(form, monkeypatch):
+    """Either form a one-row product of a compact kernel may take (timed per machine) gives x @ w, in and out of a
+    jitted function (the choice is timed while the caller is traced)."""
+    monkeypatch.setattr(product_forms, "choose", lambda key, candidates, seconds: form)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((1, 1, 256)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((256, 512)) * 0.1, jnp.bfloat16).astype(jnp.float32)
+    packed = compact(out_major(w, 1))
+    want = np.asarray(x[0] @ w)
+    for got in (dense(x, packed, True), jax.jit(lambda x: dense(x, packed, True))(x)):
+        assert rel_err(np.asarray(got[0]), want) <= 1e-6
+    assert rel_err(np.asarray(linear._transposed_dot(x[0], packed)), want) <= 1e-6
+
+
+def test_product_forms_are_timed_once_per_machine(tmp_path, monkeypatch):
+    """The fastest candidate is kept in this machine's section of the file (other machines' sections stay), read
+    back by the next process without timing; an unreadable file or a stale choice is timed again."""
+    store = tmp_path / "forms.json"
+    monkeypatch.setenv("DSPARK_PRODUCT_FORMS", str(store))
+    monkeypatch.setattr(product_forms, "_chosen", {})
+    store.write_text(json.dumps({"another CPU | 2 cores | jax 0": {"k": "slow"}}))
+    times = {"slow": 2.0, "fast": 1.0}
+    assert product_forms.choose("k", ("slow", "fast"), times.__getitem__) == "fast"
+    data = json.loads(store.read_text())
+    assert data[product_forms.machine()] == {"k": "fast"} and data["another CPU | 2 cores | jax 0"] == {"k": "slow"}
+    assert [p.name for p in tmp_path.iterdir()] == ["forms.json"]  # no temporary file left
+
+    def untimed(name):
+        raise AssertionError("timed again")
+
+    product_forms._chosen.clear()  # a new process
+    assert product_forms.choose("k", ("slow", "fast"), untimed) == "fast"
+    assert product_forms.choose("single", ("only",), untimed) == "only"
+    product_forms._chosen.clear()
+    assert product_forms.choose("k", ("slow", "other"), {"slow": 1.0, "other": 3.0}.__getitem__) == "slow"
+    product_forms._chosen.clear()
+    store.write_text("{not json")
+    assert product_forms.choose("k", ("slow", "fast"), times.__getitem__) == "fast"
+    assert json.loads(store.read_text())[product_forms.machine()] == {"k": "fast"}
+
+
+def test_product_forms_time_while_a_loop_is_traced(tmp_path, monkeypatch):
+    """A one-row product of a compact kernel traced inside a jitted loop times its two forms for real, keeps one
+    and gives the same numbers."""
+    monkeypatch.setenv("DSPARK_PRODUCT_FORMS", str(tmp_path / "forms.json"))
+    monkeypatch.setattr(product_forms, "_chosen", {})
+    monkeypatch.setattr(product_forms, "STREAM_BYTES", 1 << 20)
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((256, 384)) * 0.1, jnp.bfloat16).astype(jnp.float32)
+    packed = compact(out_major(w, 1))
+    x = jnp.asarray(rng.standard_normal((1, 256)), jnp.float32)
+    got = jax.jit(lambda x: jax.lax.fori_loop(0, 2, lambda i, y: y + dense(x, packed, True)[:, :256], x))(x)
+    want = x + 2 * np.asarray(x @ w)[:, :256]
+    assert rel_err(np.asarray(got), np.asarray(want)) <= 1e-6
+    section = json.loads((tmp_path / "forms.json").read_text())[product_forms.machine()]
+    assert list(section.values()) in (["row"], ["transposed_dot"]), section
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_take_rows_gathers_without_widening_the_table(dtype):
     """take_rows = table[ids] bit for bit; a bf16 table's rows are gathered as bits, so the compiled lookup-and-cast
@@ -70,11 +131,12 @@ def test_compact_keeps_what_bf16_cannot_hold():
     assert compact(jnp.asarray([[1.0, jnp.nan]], jnp.float32)).dtype == jnp.float32  # NaN != NaN: kept
 
 
-def test_row_product_is_its_own_computation():
+def test_row_product_is_its_own_computation(monkeypatch):
     """On CPU, 2-32 rows times an f32 kernel too large for cache compile to a conditional (the fusion boundary),
     1-128 rows times a compact (bf16) kernel under f32 activations too ([out, rows, in] order from two rows on); a
     bf16 model's one row as well (widened to f32 inside, [rows, out, in] order), while its 2 rows and more take one
     dot of the bf16 operands summed in f32; other row counts and small kernels a plain dot."""
+    monkeypatch.setattr(product_forms, "choose", lambda key, candidates, seconds: candidates[0])  # untimed: "row"
     w = jnp.ones((-(-ROW_PRODUCT_MIN_SIZE // 96), 96), jnp.float32)
     bf16 = w.astype(jnp.bfloat16)
     n = w.shape[0]

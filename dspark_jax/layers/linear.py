@@ -34,6 +34,10 @@ decoding 1.19 / 1.45 / 1.35x faster at batch 4 / 16 / 64, `full` 1.15 / 1.43 / 1
 2000-token prefill 442 -> 358 ms (benchmarks/RESULTS.md, 2026-12-05 session 21). Session 18 had measured the bf16
 dot slower at 8 rows over that target's 43 products (5.8 against 3.2 ms); that dot was the einsum's, with a bf16
 result, most likely the slow form above. Not measured on an AVX2-only CPU (no bf16 instructions there).
+
+One row times a compact kernel (plain decoding's step) has two candidate forms, and which is faster depends on the
+CPU: the isolated multiply-reduce above, or a dot over the kernel widened and transposed to [in, out] inside the same
+conditional (`_transposed_dot`). Each machine times both once per kernel shape (layers/product_forms.py).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.cache import as_bits, as_values
+from dspark_jax.layers import product_forms
 
 ROW_PRODUCT_ROWS = (2, 32)  # CPU row counts that take the isolated multiply-reduce (measured above)
 COMPACT_PRODUCT_ROWS = (1, 128)  # ... for a compact kernel under f32 rows, which a dot would widen first (above)
@@ -119,6 +124,12 @@ def project(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) 
     return y.astype(preferred_element_type or x.dtype)
 
 
+def _transposed_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [m, k], w [n, k] -> f32[m, n] as a dot over w widened to f32 and transposed to [k, n] (XLA:CPU makes that
+    copy inside the product: in a conditional it is not hoisted out of the loop)."""
+    return x.astype(jnp.float32) @ w.astype(jnp.float32).T
+
+
 def _reduce_form(rows: int, w: jax.Array, out_major: bool, x_dtype):
     """The product that `rows` rows of x_dtype times w take instead of the einsum (`dense`), or None for the
     einsum."""
@@ -133,8 +144,19 @@ def _reduce_form(rows: int, w: jax.Array, out_major: bool, x_dtype):
     low, high = COMPACT_PRODUCT_ROWS if narrow else ROW_PRODUCT_ROWS
     if not out_major or not low <= rows <= high:
         return None
-    # A 16-bit kernel wants the [out, rows, in] order from two rows on.
-    return functools.partial(_isolated, _column_product if narrow and rows > 1 else _row_product)
+    if narrow and rows > 1:  # a 16-bit kernel wants the [out, rows, in] order from two rows on
+        return functools.partial(_isolated, _column_product)
+    if narrow:  # one row: the multiply-reduce or the transposed dot, whichever this CPU runs faster (measured)
+        forms = {"row": _row_product, "transposed_dot": _transposed_dot}
+        key = f"1x{w.shape[0]}x{w.shape[1]} {w.dtype.name} kernel, {jnp.dtype(x_dtype).name} rows"
+
+        def seconds(name):
+            return product_forms.seconds_per_product(
+                functools.partial(_isolated, forms[name]), 1, w.shape, w.dtype, x_dtype
+            )
+
+        return functools.partial(_isolated, forms[product_forms.choose(key, tuple(forms), seconds)])
+    return functools.partial(_isolated, _row_product)
 
 
 def _isolated(product, x2: jax.Array, w: jax.Array) -> jax.Array:
