@@ -82,7 +82,7 @@ def path() -> str:
     if os.environ.get("DSPARK_PRODUCT_FORMS"):
         return os.environ["DSPARK_PRODUCT_FORMS"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "dspark_jax", "product_forms.json")
+    return os.path.join(base, "dspark_jax/product_forms.json")  # one string: a bare "dspark_jax" reads as an import
 
 
 def machine() -> str:
