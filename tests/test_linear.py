@@ -76,7 +76,14 @@ def test_product_forms_are_timed_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(product_forms, "_chosen", {})
     store.write_text(json.dumps({"another CPU | 2 cores | jax 0": {"k": "slow"}}))
     times = {"slow": 2.0, "fast": 1.0}
-    assert product_forms.choose("k", ("slow", "fast"), times.__getitem__) == "fast"
+    calls = []
+
+    def timer(name):  # each candidate's first run meets a burst of load: only the fastest run counts
+        runs = iter([times[name] * 3] + [times[name]] * (product_forms.REPEATS - 1))
+        return lambda: calls.append(name) or next(runs)
+
+    assert product_forms.choose("k", ("slow", "fast"), timer) == "fast"
+    assert calls == ["slow", "fast"] * product_forms.REPEATS  # the candidates take turns
     data = json.loads(store.read_text())
     assert data[product_forms.machine()] == {"k": "fast"} and data["another CPU | 2 cores | jax 0"] == {"k": "slow"}
     assert [p.name for p in tmp_path.iterdir()] == ["forms.json"]  # no temporary file left
@@ -84,14 +91,17 @@ def test_product_forms_are_timed_once_per_machine(tmp_path, monkeypatch):
     def untimed(name):
         raise AssertionError("timed again")
 
+    def constant(seconds):
+        return lambda name: lambda: seconds[name]
+
     product_forms._chosen.clear()  # a new process
     assert product_forms.choose("k", ("slow", "fast"), untimed) == "fast"
     assert product_forms.choose("single", ("only",), untimed) == "only"
     product_forms._chosen.clear()
-    assert product_forms.choose("k", ("slow", "other"), {"slow": 1.0, "other": 3.0}.__getitem__) == "slow"
+    assert product_forms.choose("k", ("slow", "other"), constant({"slow": 1.0, "other": 3.0})) == "slow"
     product_forms._chosen.clear()
     store.write_text("{not json")
-    assert product_forms.choose("k", ("slow", "fast"), times.__getitem__) == "fast"
+    assert product_forms.choose("k", ("slow", "fast"), constant(times)) == "fast"
     assert json.loads(store.read_text())[product_forms.machine()] == {"k": "fast"}
 
 

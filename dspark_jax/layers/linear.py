@@ -150,12 +150,10 @@ def _reduce_form(rows: int, w: jax.Array, out_major: bool, x_dtype):
         forms = {"row": _row_product, "transposed_dot": _transposed_dot}
         key = f"1x{w.shape[0]}x{w.shape[1]} {w.dtype.name} kernel, {jnp.dtype(x_dtype).name} rows"
 
-        def seconds(name):
-            return product_forms.seconds_per_product(
-                functools.partial(_isolated, forms[name]), 1, w.shape, w.dtype, x_dtype
-            )
+        def timer(name):
+            return product_forms.product_timer(functools.partial(_isolated, forms[name]), 1, w.shape, w.dtype, x_dtype)
 
-        return functools.partial(_isolated, forms[product_forms.choose(key, tuple(forms), seconds)])
+        return functools.partial(_isolated, forms[product_forms.choose(key, tuple(forms), timer)])
     return functools.partial(_isolated, _row_product)
 
 

@@ -38,10 +38,12 @@ REPEATS = 5  # timed runs of a chain; the fastest counts (the machine's noise on
 _chosen: dict[str, str] = {}  # this process's choices, by key
 
 
-def choose(key: str, candidates: tuple[str, ...], seconds: Callable[[str], float]) -> str:
+def choose(key: str, candidates: tuple[str, ...], timer: Callable[[str], Callable[[], float]]) -> str:
     """The fastest of `candidates` (names of forms) for `key`: remembered in this process, else read from this
-    machine's section of the file, else timed with `seconds(name)` and written there. One candidate is returned
-    as it is."""
+    machine's section of the file, else timed and written there. `timer(name)` compiles a form and returns a
+    function that runs it once and returns seconds per product; the candidates take turns, REPEATS runs each, so a
+    burst of load on the machine slows them alike, and each keeps its fastest run. One candidate is returned as it
+    is."""
     if len(candidates) == 1:
         return candidates[0]
     if key not in _chosen:
@@ -50,14 +52,19 @@ def choose(key: str, candidates: tuple[str, ...], seconds: Callable[[str], float
             _chosen[key] = stored
         else:
             with jax.ensure_compile_time_eval():  # called while a loop is traced: run the timings now, for real
-                times = {name: seconds(name) for name in candidates}
-            _chosen[key] = min(times, key=times.get)
+                runs = {name: timer(name) for name in candidates}
+                best = dict.fromkeys(candidates, math.inf)
+                for _ in range(REPEATS):
+                    for name in candidates:
+                        best[name] = min(best[name], runs[name]())
+            _chosen[key] = min(best, key=best.get)
             _store(key, _chosen[key])
     return _chosen[key]
 
 
-def seconds_per_product(product: Callable, rows: int, shape: tuple[int, int], w_dtype, x_dtype) -> float:
-    """Seconds one product(x [rows, k], w [n, k]) takes in a chain of kernel copies (module docstring)."""
+def product_timer(product: Callable, rows: int, shape: tuple[int, int], w_dtype, x_dtype) -> Callable[[], float]:
+    """product(x [rows, k], w [n, k]) compiled into a chain of kernel copies (module docstring): a function that runs
+    the chain once and returns the seconds per product."""
     n, k = shape
     copies = int(np.clip(STREAM_BYTES // (n * k * jnp.dtype(w_dtype).itemsize), 2, MAX_COPIES))
     kernels = [jnp.full(shape, 0.01 * (i + 1), w_dtype) for i in range(copies)]  # values do not change the speed
@@ -70,12 +77,13 @@ def seconds_per_product(product: Callable, rows: int, shape: tuple[int, int], w_
         return x
 
     jax.block_until_ready(chain(x, kernels))  # compiles
-    best = math.inf
-    for _ in range(REPEATS):
+
+    def run() -> float:
         start = time.perf_counter()
         jax.block_until_ready(chain(x, kernels))
-        best = min(best, time.perf_counter() - start)
-    return best / copies
+        return (time.perf_counter() - start) / copies
+
+    return run
 
 
 def path() -> str:
