@@ -100,10 +100,11 @@ def dense(x: jax.Array, w: jax.Array, out_major: bool, preferred_element_type=No
     The result has `preferred_element_type` (default x's dtype); w may be narrower than x (a `compact` kernel) and
     is widened to x's dtype. In-major is an einsum (`project`). Out-major on CPU with a kernel of at least
     ROW_PRODUCT_MIN_SIZE elements: 2-32 rows (the product of x's leading dims; 1-128 for a compact kernel under f32
-    rows, one row of a bf16 model) are the isolated multiply-reduce described above, in f32; a bf16 model's 2 rows
-    and more are the dot of its bf16 operands summed in f32 (`_narrow_dot`); otherwise an einsum over w's minor
-    axis. On an accelerator, row counts within ACCEL_REDUCE_ROWS (none by default) take a plain multiply-reduce in
-    either layout.
+    rows, one row of a bf16 model) are the isolated multiply-reduce described above, in f32 (one row of a 16-bit
+    kernel: that or the isolated `_transposed_dot`, whichever this machine ran faster); a bf16 model's 2 rows and
+    more are the dot of its bf16 operands summed in f32 (`_narrow_dot`); otherwise an einsum over w's minor axis.
+    On an accelerator, row counts within ACCEL_REDUCE_ROWS (none by default) take a plain multiply-reduce in either
+    layout.
     """
     rows = math.prod(x.shape[:-1])
     product = _reduce_form(rows, w, out_major, x.dtype)

@@ -87,6 +87,7 @@ def product_timer(product: Callable, rows: int, shape: tuple[int, int], w_dtype,
 
 
 def path() -> str:
+    """The file of measured choices: $DSPARK_PRODUCT_FORMS, else $XDG_CACHE_HOME/dspark_jax/product_forms.json."""
     if os.environ.get("DSPARK_PRODUCT_FORMS"):
         return os.environ["DSPARK_PRODUCT_FORMS"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
