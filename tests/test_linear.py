@@ -57,7 +57,7 @@ def test_compact_kernel_gives_the_same_products(rows):
 def test_one_row_forms_give_the_same_products(form, monkeypatch):
     """Either form a one-row product of a compact kernel may take (timed per machine) gives x @ w, in and out of a
     jitted function (the choice is timed while the caller is traced)."""
-    monkeypatch.setattr(product_forms, "choose", lambda key, candidates, seconds: form)
+    monkeypatch.setattr(product_forms, "choose", lambda key, candidates, timer: form)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((1, 1, 256)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((256, 512)) * 0.1, jnp.bfloat16).astype(jnp.float32)
@@ -146,7 +146,7 @@ def test_row_product_is_its_own_computation(monkeypatch):
     1-128 rows times a compact (bf16) kernel under f32 activations too ([out, rows, in] order from two rows on); a
     bf16 model's one row as well (widened to f32 inside, [rows, out, in] order), while its 2 rows and more take one
     dot of the bf16 operands summed in f32; other row counts and small kernels a plain dot."""
-    monkeypatch.setattr(product_forms, "choose", lambda key, candidates, seconds: candidates[0])  # untimed: "row"
+    monkeypatch.setattr(product_forms, "choose", lambda key, candidates, timer: candidates[0])  # untimed: "row"
     w = jnp.ones((-(-ROW_PRODUCT_MIN_SIZE // 96), 96), jnp.float32)
     bf16 = w.astype(jnp.bfloat16)
     n = w.shape[0]

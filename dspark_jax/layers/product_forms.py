@@ -19,6 +19,7 @@ file is ignored and rewritten. A choice changes only the order in which the same
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -94,8 +95,10 @@ def path() -> str:
     return os.path.join(base, "dspark_jax/product_forms.json")  # one string: a bare "dspark_jax" reads as an import
 
 
+@functools.cache
 def machine() -> str:
-    """This machine's section: its CPU model, core count and jax version (XLA's kernels change with it)."""
+    """This machine's section: its CPU model, core count and jax version (XLA's kernels change with it); read once
+    per process (a choice and its store ask for it several times)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
