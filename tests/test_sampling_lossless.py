@@ -23,6 +23,8 @@ from dspark_jax.decoding import loop
 from dspark_jax.sampling import probabilities
 from pallas_kernels.verify.reference import inverse_cdf
 
+pytestmark = pytest.mark.usefixtures("small_cache_buckets")  # conftest: sampled rows of a few tokens
+
 VOCAB = 16
 NEW = 3  # generated tokens whose joint law is tested
 BATCH = 4096

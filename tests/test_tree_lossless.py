@@ -20,6 +20,8 @@ from dspark_jax.decoding import loop
 from dspark_jax.decoding.tree import TreeConfig
 from pallas_kernels.verify.reference import inverse_cdf
 
+pytestmark = pytest.mark.usefixtures("small_cache_buckets")  # conftest: sampled rows of a few tokens
+
 NEW = 3
 
 
