@@ -550,29 +550,27 @@ def test_sampled_tokens_follow_the_target_law(v4):
     table = dict(zip([SAMPLE_PROMPT[-1], *plain[:-1]], plain))
     draft = bigram_v4_draft(v4, table, strength=3.0, target=target)  # bound to the sharpened head
 
-    def law(prefixes: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        """f64[n, V] next-token law after each prefix (i32[n, t]), in fixed-size chunks (one compile)."""
+    def law(prefixes: np.ndarray, at: int, chunk: int = 2048) -> np.ndarray:
+        """f64[n, V] next-token law at position `at` of each prefix (i32[n, t]). Every call pads to chunks of
+        `chunk` rows of one length, so the three laws share one compiled forward (compiles are most of this test)."""
         out = []
         for i in range(0, len(prefixes), chunk):
             part = prefixes[i : i + chunk]
-            padded = (
-                np.concatenate([part, np.repeat(part[:1], chunk - len(part), axis=0)])
-                if len(prefixes) > chunk
-                else part
-            )
-            logits = np.asarray(target.forward(padded)[0])[: len(part), -1].astype(np.float64)
+            padded = np.concatenate([part, np.repeat(part[:1], chunk - len(part), axis=0)])
+            logits = np.asarray(target.forward(padded)[0])[: len(part), at].astype(np.float64)
             e = np.exp(logits - logits.max(axis=-1, keepdims=True))
             out.append(e / e.sum(axis=-1, keepdims=True))
         return np.concatenate(out)
 
-    p1 = law(np.asarray([SAMPLE_PROMPT]))[0]
-    p2 = law(np.asarray([SAMPLE_PROMPT + [t] for t in range(V)], np.int32))  # [t1, t2]
+    firsts = np.asarray([SAMPLE_PROMPT + [t, 0] for t in range(V)], np.int32)  # causal: the last 0 is not read
+    p1 = law(firsts[:1], -3)[0]
+    p2 = law(firsts, -2)  # [t1, t2]
     m2 = p1 @ p2
     joint = (p1[:, None] * p2).ravel()
     order = np.argsort(-joint)
     top = order[: int(np.searchsorted(np.cumsum(joint[order]), 0.9995)) + 1]  # pairs holding 99.95% of the mass
     pairs = np.stack(np.unravel_index(top, (V, V)), axis=1)
-    p3 = law(np.asarray([SAMPLE_PROMPT + [a, b] for a, b in pairs], np.int32))
+    p3 = law(np.asarray([SAMPLE_PROMPT + [a, b] for a, b in pairs], np.int32), -1)
     m3 = (joint[top][:, None] * p3).sum(axis=0)
 
     samples = []
