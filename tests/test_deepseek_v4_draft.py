@@ -550,9 +550,10 @@ def test_sampled_tokens_follow_the_target_law(v4):
     table = dict(zip([SAMPLE_PROMPT[-1], *plain[:-1]], plain))
     draft = bigram_v4_draft(v4, table, strength=3.0, target=target)  # bound to the sharpened head
 
-    def law(prefixes: np.ndarray, at: int, chunk: int = 2048) -> np.ndarray:
-        """f64[n, V] next-token law at position `at` of each prefix (i32[n, t]). Every call pads to chunks of
-        `chunk` rows of one length, so the three laws share one compiled forward (compiles are most of this test)."""
+    def law(prefixes: np.ndarray, at, chunk: int = 2048) -> np.ndarray:
+        """f64[n, V] next-token law at position `at` of each prefix (i32[n, t]); f64[n, k, V] for a list of k
+        positions. Every call pads to chunks of `chunk` rows of one length, so the three laws share one compiled
+        forward (compiles are most of this test)."""
         out = []
         for i in range(0, len(prefixes), chunk):
             part = prefixes[i : i + chunk]
@@ -563,8 +564,8 @@ def test_sampled_tokens_follow_the_target_law(v4):
         return np.concatenate(out)
 
     firsts = np.asarray([SAMPLE_PROMPT + [t, 0] for t in range(V)], np.int32)  # causal: the last 0 is not read
-    p1 = law(firsts[:1], -3)[0]
-    p2 = law(firsts, -2)  # [t1, t2]
+    first_two = law(firsts, [-3, -2])  # one pass: the law of t1 (any row), then of t2 after each t1
+    p1, p2 = first_two[0, 0], first_two[:, 1]  # [t1], [t1, t2]
     m2 = p1 @ p2
     joint = (p1[:, None] * p2).ravel()
     order = np.argsort(-joint)
