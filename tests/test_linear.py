@@ -192,9 +192,20 @@ def test_decode_copy_matches_the_loaded_model():
     graphdef, state = target.decode_parts()
     assert target.decode_parts()[1] is state  # made once
     if jax.default_backend() == "cpu":
-        assert state["layers"][0]["mlp"]["gate_proj"][...].shape == before.shape[::-1]
+        # gate|up and k|v are one out-major kernel each, gate's (k's) rows first.
+        mlp, attn = state["layers"][0]["mlp"], state["layers"][0]["self_attn"]
+        assert "gate_proj" not in mlp and "k_proj" not in attn and "v_proj" not in attn
+        gate_up = np.asarray(mlp["gate_up_proj"][...], np.float32)
+        np.testing.assert_array_equal(gate_up[: before.shape[1]], before.T)
+        np.testing.assert_array_equal(
+            gate_up[before.shape[1] :], np.asarray(target.state["layers"][0]["mlp"]["up_proj"][...]).T
+        )
+        k = np.asarray(target.state["layers"][0]["self_attn"]["k_proj"][...])
+        np.testing.assert_array_equal(
+            np.asarray(attn["kv_proj"][...], np.float32)[: k[0].size], k.reshape(k.shape[0], -1).T
+        )
         # The pair's checkpoint is bf16: its f32 kernels (and tied head) are stored compact, the same numbers.
-        assert state["layers"][0]["mlp"]["gate_proj"][...].dtype == jnp.bfloat16
+        assert mlp["gate_up_proj"][...].dtype == jnp.bfloat16
         assert state["embed_tokens"][...].dtype == jnp.bfloat16
         assert state["layers"][0]["self_attn"]["o_proj"][...].shape == (512, 512)
         assert draft.decode_parts()[1]["lm_head"][...].shape == (4096, 512)
