@@ -6,19 +6,27 @@ import argparse
 import sys
 import warnings
 
+_SHOWN: set[str] = set()
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a warning as one `warning:` line, each text once per process: the CLIs call the library several times
+    for one request (a compiling run, then timed ones), and Python's once-per-location rule forgets what it showed
+    whenever a library changes the warning filters, as one imported on the first run does."""
+    text = f"warning: {message}\n"
+    if text not in _SHOWN:
+        _SHOWN.add(text)
+        (sys.stderr if file is None else file).write(text)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse for the CLIs: a usage error is one `error:` line (exit 2); library warnings print as one
-    `warning:` line without a source location."""
+    `warning:` line without a source location (`_one_line_warning`)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)  # keep the examples' lines
         super().__init__(*args, **kwargs)
-        warnings.formatwarning = _one_line_warning
+        warnings.showwarning = _one_line_warning
 
     def error(self, message: str):  # argparse's default prints the whole usage block first
         print(f"error: {message} (see --help)", file=sys.stderr)

@@ -1,6 +1,10 @@
-"""Every CLI's --help ends with runnable examples (issue: a CLI that behaves like the tools people know)."""
+"""Every CLI's --help ends with runnable examples (issue: a CLI that behaves like the tools people know); a library
+warning reaches a CLI's user as one line, once."""
 
 import importlib
+import subprocess
+import sys
+import warnings
 
 import pytest
 
@@ -26,3 +30,16 @@ def test_corpus_help_shows_an_example(capsys):
     with pytest.raises(SystemExit):
         corpus.main(["--help"])
     assert "example:\n  python -m dspark_jax.training.corpus" in capsys.readouterr().out
+
+
+def test_a_warning_prints_once_as_one_line(capsys):
+    from dspark_jax.cli_util import OneLineArgumentParser
+
+    with warnings.catch_warnings():  # restores the process's warning display afterwards
+        OneLineArgumentParser()
+        warnings.simplefilter("default")
+        for _ in range(3):  # as generate's compiling run and timed runs each warn
+            warnings.warn("max_new_tokens 9000 is capped at 17 (test)")
+            # Spawning a process mutates the filters (os.get_exec_path), which resets Python's own once-only memory.
+            subprocess.run([sys.executable, "-c", ""], check=True)
+    assert capsys.readouterr().err == "warning: max_new_tokens 9000 is capped at 17 (test)\n"
