@@ -9,14 +9,16 @@ import warnings
 _SHOWN: set[str] = set()
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Show a warning as one `warning:` line, each text once per process: the CLIs call the library several times
-    for one request (a compiling run, then timed ones), and Python's once-per-location rule forgets what it showed
-    whenever a library changes the warning filters, as one imported on the first run does."""
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one `warning:` line, each text once per process ("" when shown before): the CLIs call the
+    library several times for one request (a compiling run, then timed ones), and Python's once-per-location rule
+    forgets what it showed whenever the warning filters change, as they do when a subprocess is started by name.
+    Formatting, not display: `warnings.catch_warnings(record=True)` still records every warning."""
     text = f"warning: {message}\n"
-    if text not in _SHOWN:
-        _SHOWN.add(text)
-        (sys.stderr if file is None else file).write(text)
+    if text in _SHOWN:
+        return ""
+    _SHOWN.add(text)
+    return text
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -26,7 +28,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)  # keep the examples' lines
         super().__init__(*args, **kwargs)
-        warnings.showwarning = _one_line_warning
+        warnings.formatwarning = _one_line_warning
 
     def error(self, message: str):  # argparse's default prints the whole usage block first
         print(f"error: {message} (see --help)", file=sys.stderr)
