@@ -208,8 +208,9 @@ class Attention(nnx.Module):
 
         k and v become one kernel `kv_proj` [2 * kv_heads * head_dim, hidden] (k's rows, then v's): one product
         instead of two. With the MLP's gate|up, on a 2-core AVX2 CPU, a chain of the embedded target's products ran
-        15-24 % faster at 1 and 8 rows and the decode loop's plain steps and rounds 5-8 % faster (benchmarks/RESULTS.md,
-        session 27). q stays apart: the draft's context rows need only k and v (fusing it too gained nothing)."""
+        15-24 % faster at 1 and 8 rows, and the decode loop 2-15 % faster at batch 1-64 (plain and `full`;
+        benchmarks/RESULTS.md, session 27). q stays apart: the draft's context rows need only k and v (fusing it too
+        gained nothing)."""
         self.q_proj.value = compact(out_major(self.q_proj[...], 1))
         kv = jnp.concatenate([out_major(self.k_proj[...], 1), out_major(self.v_proj[...], 1)])
         self.kv_proj = nnx.Param(compact(kv))
