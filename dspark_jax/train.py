@@ -37,7 +37,10 @@ def build_parser() -> OneLineArgumentParser:
         description=__doc__.splitlines()[0],
         epilog="""examples:
   python -m dspark_jax.train --mode draft --target dspark_jax/assets/tiny_code/target --data regen.jsonl \\
-      --output-dir runs/draft --draft-config draft.json   # draft.json: {"block_size": 7, "target_layer_ids": [0, 2, 4]}
+      --output-dir runs/draft --draft-config draft.json --seq-len 256
+  # draft.json: {"num_hidden_layers": 1, "block_size": 7, "target_layer_ids": [0, 2, 4], "mask_token_id": 1,
+  #   "num_anchors": 64, "markov_rank": 64, "markov_head_type": "vanilla", "enable_confidence_head": true,
+  #   "confidence_head_with_markov": true}   (the embedded draft's: see its TRAINING.md)
   python -m dspark_jax.train --mode target --target-config config.json --tokenizer tokenizer.json --data corpus \\
       --output-dir runs/target""",
     )
@@ -133,8 +136,29 @@ def _read_json(path: str, flag: str) -> dict:
     return fields
 
 
+# The DSpark fields a --draft-config may set besides the target's own config.json keys (spec §5.1).
+DRAFT_FIELDS = (
+    "num_hidden_layers",
+    "block_size",
+    "target_layer_ids",
+    "mask_token_id",
+    "markov_rank",
+    "markov_head_type",
+    "enable_confidence_head",
+    "confidence_head_with_markov",
+    "num_anchors",
+)
+
+
 def _draft_config_from_json(path: str, target) -> DraftConfig:
     fields = _read_json(path, "--draft-config")
+    known = set(DRAFT_FIELDS) | set(read_config_json(target.path))
+    unknown = sorted(set(fields) - known)
+    if unknown:  # a misspelt field would silently leave its default in place
+        raise UsageError(
+            f"--draft-config {path}: unknown field(s) {', '.join(map(repr, unknown))}; accepted: "
+            f"{', '.join(DRAFT_FIELDS)} or a key of the target's config.json"
+        )
     merged = {
         **read_config_json(target.path),
         "num_hidden_layers": 5,
@@ -207,7 +231,9 @@ def _draft_job(cfg: TrainConfig, compute: str, target, split, config, is_dspark:
             lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, target.state
         )
     layer_ids = tuple(config.target_layer_ids)
-    anchors = cfg.num_anchors or num_anchors
+    # A sequence has fewer than seq_len candidate anchors and all of them are drawn when they are fewer than asked
+    # for (spec §9.3.2): more anchors would only be padding, each a whole block of the draft's forward.
+    anchors = min(cfg.num_anchors or num_anchors, cfg.seq_len)
     job = TrainJob("draft", *split, teacher_graphdef, teacher_state, layer_ids, anchors, tuple(weights))
     return job, config, target
 
@@ -351,6 +377,8 @@ def run(cfg: TrainConfig) -> dict:
         raise UsageError(
             f"batch_size ({cfg.batch_size}) must be a multiple of the mesh's data axis ({mesh.shape['data']})"
         )
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise UsageError(f"--output-dir {cfg.output_dir!r} is a file; give a folder (new, or a run's with --resume)")
     if not cfg.resume and loop.latest_checkpoint(cfg.output_dir) is not None:
         raise UsageError(f"--output-dir {cfg.output_dir!r} already holds a run; pass --resume or choose another folder")
     compute = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")

@@ -510,6 +510,28 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_draft_config_typo_refused_and_anchors_capped_at_seq_len(corpus, tmp_path, capsys):
+    """A misspelt --draft-config field is an error (it would silently keep its default), and anchors beyond the
+    sequence's positions (the 512 default at --seq-len 128 ran a tiny job out of 21 GB) are capped."""
+    from dspark_jax.train import build_job, parse_config
+
+    root, _ = corpus
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({**json.loads((root / "draft_config.json").read_text()), "markov_rnak": 8}))
+    args = _draft_args(corpus, tmp_path / "never")
+    args[args.index("--draft-config") + 1] = str(typo)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'markov_rnak'" in err[0] and "markov_rank" in err[0], err
+    (tmp_path / "a_file").write_text("")
+    assert main(_draft_args(corpus, tmp_path / "a_file")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0], err
+    assert not (tmp_path / "never").exists()
+    job, _, _ = build_job(parse_config(_draft_args(corpus, tmp_path / "unused", "--num-anchors", "4096")), "float32")
+    assert job.num_anchors == SEQ_LEN
+
+
 def test_flags_map_one_to_one_onto_train_config():
     dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
     assert dests == {f.name for f in dataclasses.fields(TrainConfig)}
