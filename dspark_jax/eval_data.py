@@ -151,28 +151,65 @@ def converted_dir() -> str:
     return os.path.join(constants.HF_HOME, *CONVERTED_SUBDIR.split("/"))
 
 
-def read_turns_jsonl(path: str) -> list[list[str]]:
-    """The `turns` of every row of a `{"turns": ["...", ...]}` JSONL file; a bad row is a one-line UsageError."""
-    rows = []
+def _json_lines(path: str, label: str):
+    """(line number, parsed row) for every non-blank line of a JSONL file; unreadable files and lines that are not
+    JSON are one-line UsageErrors starting with `label`."""
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    yield n, json.loads(line)
                 except json.JSONDecodeError:
-                    raise UsageError(f"{path} line {n} is not JSON") from None
-                turns = row.get("turns") if isinstance(row, dict) else None
-                if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-                    raise UsageError(f'{path} line {n} needs "turns": a non-empty list of strings')
-                rows.append(turns)
+                    raise UsageError(f"{label} line {n} is not JSON") from None
     except (OSError, UnicodeDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise UsageError(f"cannot read {path} ({type(e).__name__}: {first})") from None
+
+
+def _turns(row) -> list[str] | None:
+    turns = row.get("turns") if isinstance(row, dict) else None
+    return turns if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns) else None
+
+
+def read_turns_jsonl(path: str) -> list[list[str]]:
+    """The `turns` of every row of a `{"turns": ["...", ...]}` JSONL file; a bad row is a one-line UsageError."""
+    rows = []
+    for n, row in _json_lines(path, path):
+        turns = _turns(row)
+        if turns is None:
+            raise UsageError(f'{path} line {n} needs "turns": a non-empty list of strings')
+        rows.append(turns)
     if not rows:
         raise UsageError(f"{path} holds no prompts")
     return rows
+
+
+def read_prompt_rows(path: str, flag: str, id_keys: tuple[str, ...]) -> list[list[int] | str]:
+    """The prompts of a JSONL file given as `flag`: per row, token ids (a non-empty list of integers under one of
+    `id_keys`) or the first turn of `"turns"` (a non-empty list of strings). Any other row is a one-line
+    UsageError naming the flag, the line and the accepted forms."""
+    label = f"{flag} {path}"
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path!r} does not exist")
+    forms = [f'"{k}": a non-empty list of token ids' for k in id_keys] + ['"turns": a non-empty list of strings']
+    accepted = " or ".join(forms)
+    prompts = []
+    for n, row in _json_lines(path, label):
+        key = next((k for k in id_keys if isinstance(row, dict) and k in row), None)
+        if key is not None:
+            ids = row[key]
+            if isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                prompts.append(ids)
+                continue
+        elif _turns(row) is not None:
+            prompts.append(row["turns"][0])
+            continue
+        raise UsageError(f"{label} line {n} needs {accepted}")
+    if not prompts:
+        raise UsageError(f"{label} holds no prompts")
+    return prompts
 
 
 def select(rows: list, cap: int, seed: int) -> list:

@@ -153,28 +153,29 @@ def build_parser() -> OneLineArgumentParser:
 
 
 def load_prompts(path: str, num_prompts: int, prompt_len: int, seed: int, tokenizer=None) -> list[list[int]]:
-    """Up to `num_prompts` prompts from `path`; token rows give a seeded window of `prompt_len` ids each."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--data {path!r} does not exist")
+    """Up to `num_prompts` prompts from `path`; token rows give a seeded window of `prompt_len` ids each (a row no
+    longer than prompt_len + 1 ids has no window to draw: it is skipped, with a warning counting such rows)."""
+    from dspark_jax.eval_data import read_prompt_rows
+
     rng = np.random.default_rng(seed)
-    prompts = []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for row in rows:
-        ids = row.get("ids", row.get("prompt_ids")) if isinstance(row, dict) else None
-        if ids is not None:
-            if len(ids) <= prompt_len + 1:
-                continue
-            start = int(rng.integers(0, len(ids) - prompt_len))
-            prompts.append([int(t) for t in ids[start : start + prompt_len]])
-        elif isinstance(row, dict) and row.get("turns"):
+    prompts, short = [], 0
+    for row in read_prompt_rows(path, "--data", ("ids", "prompt_ids")):
+        if isinstance(row, str):
             if tokenizer is None:
                 raise UsageError("--data holds text turns but the target folder has no tokenizer.json")
-            prompts.append(tokenizer.encode_prompt(row["turns"][0]))
+            prompts.append(tokenizer.encode_prompt(row))
+        elif len(row) <= prompt_len + 1:
+            short += 1
+            continue
+        else:
+            start = int(rng.integers(0, len(row) - prompt_len))
+            prompts.append(row[start : start + prompt_len])
         if len(prompts) == num_prompts:
             break
     if not prompts:
         raise UsageError(f"--data {path} yielded no prompt (rows need 'ids' longer than --prompt-len, or 'turns')")
+    if short:
+        warnings.warn(f"--data {path}: skipped {short} token row(s) of at most --prompt-len + 1 = {prompt_len + 1} ids")
     return prompts
 
 

@@ -105,29 +105,10 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _read_prompts_file(path: str, tokenizer) -> list[list[int]]:
-    if not os.path.isfile(path):
-        raise UsageError(f"--prompts-file {path!r} does not exist")
-    prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UsageError(f"--prompts-file {path} line {n} is not JSON") from None
-            if isinstance(row, dict) and "prompt_ids" in row:
-                ids = row["prompt_ids"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise UsageError(f"--prompts-file {path} line {n}: prompt_ids must be a list of integers")
-                prompts.append(ids)
-            elif isinstance(row, dict) and row.get("turns"):
-                prompts.append(_encode(row["turns"][0], tokenizer))
-            else:
-                raise UsageError(f"--prompts-file {path} line {n} needs 'turns' or 'prompt_ids'")
-    if not prompts:
-        raise UsageError(f"--prompts-file {path} holds no prompts")
-    return prompts
+    from dspark_jax.eval_data import read_prompt_rows
+
+    rows = read_prompt_rows(path, "--prompts-file", ("prompt_ids",))
+    return [_encode(row, tokenizer) if isinstance(row, str) else row for row in rows]
 
 
 def _encode(text: str, tokenizer) -> list[int]:

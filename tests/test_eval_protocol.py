@@ -241,6 +241,27 @@ def test_data_dir_problems(tmp_path, capsys):
     _one_line_error(*_main(capsys, "--data-dir", str(folder), "--benchmarks", "bad"), "bad.jsonl line 2", "turns")
 
 
+def test_data_rows_are_checked_like_generate_prompts_files(tmp_path):
+    """--data: every row is ids or turns, or a one-line error naming the line (a bad row was a traceback, a row
+    without either key was dropped unseen); rows too short for a window are counted in a warning."""
+    from dspark_jax.evaluate import load_prompts
+
+    cases = [
+        ('{"ids": [1, 2, 3, 4, 5]}\n{not json\n', "line 2 is not JSON"),
+        ('{"turns": [5]}\n', "line 1 needs"),
+        ('{"ids": "xxxx"}\n', "list of token ids"),
+        ('{"ids": [1, 2, 3, 4, 5]}\n{"prompt": "x"}\n', "line 2 needs"),
+    ]
+    for text, words in cases:
+        path = tmp_path / "d.jsonl"
+        path.write_text(text)
+        with pytest.raises(dj.UsageError, match=words):
+            load_prompts(str(path), 8, 2, 0)
+    path.write_text('{"ids": [1, 2, 3, 4, 5]}\n{"prompt_ids": [7, 8]}\n')
+    with pytest.warns(UserWarning, match="skipped 1 token row"):
+        assert len(load_prompts(str(path), 8, 2, 0)) == 1
+
+
 def test_help_shows_an_example(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])

@@ -128,7 +128,10 @@ CLI_ERRORS = [
     (["--no-draft", "--prompt-ids", "1", "--dtype", "float16"], "--dtype"),
     (["--no-draft", "--prompt-ids", "1", "--top-p", "high"], "--top-p"),
     (["--no-draft", "--prompts-file", "/nonexistent/p.jsonl"], "does not exist"),
-    (["--no-draft", "--prompts-file", "BADFILE"], "line 1"),
+    (["--no-draft", "--prompts-file", 'FILE:{"prompt_ids": ["a", "b"]}'], "line 1"),
+    (["--no-draft", "--prompts-file", 'FILE:{"turns": [5]}'], "line 1 needs"),  # was a TypeError traceback
+    (["--no-draft", "--prompts-file", 'FILE:{"turns": "def f():"}'], "list of strings"),  # was its first letter
+    (["--no-draft", "--prompts-file", 'FILE:{"prompt_ids": [1]}\n{"prompt": "x"}'], "line 2"),
     (["--no-draft", "--prompt", "hello"], "tokenizer"),
     (["--prompt-ids", "1"], "--no-draft"),  # --target without --draft
 ]
@@ -139,10 +142,11 @@ CLI_ERRORS = [
 )
 def test_generate_cli_bad_input_exits_2_with_one_line(pair, tmp_path, capsys, argv, needle):
     argv = [_truncated_copy(pair, tmp_path) if a is None else a for a in argv]
-    if "BADFILE" in argv:
-        bad = tmp_path / "bad.jsonl"
-        bad.write_text(json.dumps({"prompt_ids": ["a", "b"]}) + "\n")
-        argv[argv.index("BADFILE")] = str(bad)
+    for i, a in enumerate(argv):
+        if a.startswith("FILE:"):  # a prompts file with these lines
+            bad = tmp_path / "bad.jsonl"
+            bad.write_text(a[len("FILE:") :] + "\n")
+            argv[i] = str(bad)
     if "--target" not in argv:
         argv = ["--target", pair.folder, *argv]
     try:
