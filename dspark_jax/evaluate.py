@@ -144,7 +144,9 @@ def build_parser() -> OneLineArgumentParser:
     )
     p.add_argument("--tree", help="draft trees N[,K[,W]]: N nodes, K children per node, beam W (default: chains)")
     p.add_argument("--tree-mode", default="auto", help="topk | swor | iid | auto (topk at temperature 0, swor above)")
-    p.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
+    p.add_argument(
+        "--json", action="store_true", help="print the results JSON instead of the table (--data always prints JSON)"
+    )
     add_parallel_flags(p)
     return p
 
@@ -419,6 +421,12 @@ def run(args: EvalArgs, mesh=None) -> dict:
     tree = _tree(args)
     policies = _policies(args)
     draft_paths = _draft_paths(args)
+    embedded = {os.path.realpath(p) for p in EMBEDDED_DRAFTS.values()}
+    if args.save_calibration and os.path.realpath(draft_paths[0][1]) in embedded:
+        raise UsageError(
+            f"--save-calibration writes calibration.json into the draft's folder, and {draft_paths[0][1]} ships "
+            "with the package; copy that folder and pass the copy as --draft"
+        )
     text_sets = None
     if args.data is None:  # read (and download) every set before loading any model: bad names fail fast
         names = eval_data.parse_names(args.benchmarks or "paper")

@@ -223,6 +223,7 @@ def test_policy_needing_confidence_head_refused_before_decoding(sets, capsys, mo
         (["--tree", "7,2,3"], ["tree beam", "branch factor 2", "3"]),
         (["--tree", "15", "--tree-mode", "beam"], ["--tree-mode", "swor", "'beam'"]),
         (["--tree", "15", "--save-calibration"], ["--save-calibration", "--tree 15"]),
+        (["--data", "x.jsonl", "--save-calibration"], ["--save-calibration", "ships with the package"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, words):
