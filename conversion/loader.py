@@ -124,6 +124,12 @@ def load_params(
     return graphdef, state
 
 
+# Copied beside the params when the source has them; calibration.json: a draft's confidence temperatures and the tree
+# builder's rank factors (spec §10).
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", checkpoints.CALIBRATION_FILE)
+WRITTEN = ("config.json", checkpoints.PARAMS_DIR, *EXTRA_FILES)  # everything a conversion puts in its folder
+
+
 def convert_checkpoint(src: str, dst: str, *, kind: str = "auto", dtype: str = "bfloat16", mesh=None) -> None:
     """Safetensors (folder or hub id) -> orbax folder at `dst` with config.json; atomic (nothing left on failure)."""
     folder = resolve(src)
@@ -156,12 +162,7 @@ def _convert_into(folder: str, src: str, dst: str, kind: str, dtype: str, mesh) 
     else:
         config = DraftConfig.from_hf_dict(raw).with_dtype(dtype)
         graphdef, state = load_params(folder, detected, Draft, config, mesh, src)
-    extras = tuple(
-        os.path.join(folder, f)
-        # calibration.json: a draft's confidence temperatures and the tree builder's rank factors (spec §10)
-        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", checkpoints.CALIBRATION_FILE)
-        if os.path.isfile(os.path.join(folder, f))
-    )
+    extras = tuple(os.path.join(folder, f) for f in EXTRA_FILES if os.path.isfile(os.path.join(folder, f)))
     try:
         checkpoints.save_state(dst, state, {**raw, "torch_dtype": dtype}, extras)
     except OSError as e:  # unwritable or invalid destination: one line, like every other bad input
@@ -176,10 +177,16 @@ def _check_destination(dst: str, src_folder: str) -> None:
     src = os.path.realpath(src_folder)
     if real == src or src.startswith(real + os.sep):
         raise UsageError(f"dst {dst!r} would overwrite the source checkpoint {src_folder!r}; pick another folder")
+    if os.path.islink(dst):  # the atomic rename would replace the link, not the folder it names
+        raise UsageError(f"dst {dst!r} is a symbolic link; give the folder itself ({real!r}) or a new one")
     if os.path.exists(dst) and not (
         os.path.isdir(dst) and (not os.listdir(dst) or checkpoints.is_orbax_checkpoint(dst))
     ):
         raise UsageError(f"dst {dst!r} exists and is not a dspark_jax checkpoint; remove it or pick a new folder")
+    foreign = sorted(set(os.listdir(dst)) - set(WRITTEN)) if os.path.isdir(dst) else []
+    if foreign:  # a previous conversion is replaced whole: anything else in it would be lost
+        names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UsageError(f"dst {dst!r} holds files no conversion writes ({names}); move them or pick a new folder")
 
 
 __all__ = ["abstract_model", "check_dtype", "checkpoint_kind", "convert_checkpoint", "load_params"]

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 
 import jax
@@ -51,6 +54,9 @@ class _AtomicDir:
         parent = os.path.dirname(self.dst)
         os.makedirs(parent, exist_ok=True)
         self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.dst) + ".tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # a folder like any other, not mkdtemp's private 0700
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -99,15 +105,73 @@ def restore_state(src: str, abstract_state: nnx.State, shardings=None, host: tup
     for path in host:  # orbax restores a leaf as the type of its target: a numpy array stays on the host
         node = functools.reduce(lambda d, key: d[key], path[:-1], target)
         node[path[-1]] = np.empty(node[path[-1]].shape, node[path[-1]].dtype)
+    path = os.path.abspath(os.path.join(src, PARAMS_DIR))
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.abspath(os.path.join(src, PARAMS_DIR)), target)
+            _check_stored_shapes(_stored_metadata(ckptr, path, src), target, src)
+            restored = ckptr.restore(path, target)
+    except DSparkError:
+        raise
     except (ValueError, KeyError, FileNotFoundError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DSparkError(f"orbax checkpoint {src!r} does not match the model: {msg}") from None
+        raise DSparkError(f"orbax checkpoint {src!r} does not match the model: {_first_line(e)}") from None
+    except Exception as e:  # orbax wraps a failed read of the stored bytes (a damaged or truncated file) in Exception
+        _drop_abandoned_reads()
+        raise DSparkError(f"orbax checkpoint {src!r} cannot be read: {_first_line(e.__cause__ or e)}") from None
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored)
     return state
+
+
+def _drop_abandoned_reads() -> None:
+    """Collect the reads orbax left unfinished when one failed, without the traceback Python would print for each
+    of them (at exit, pages of them after the one-line error)."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _stored_metadata(ckptr, path: str, src: str):
+    """The tree of the stored arrays' metadata; orbax only logs a warning when it cannot read it (damaged files)."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        metadata = ckptr.metadata(path)
+    finally:
+        log.setLevel(level)
+    tree = getattr(metadata, "item_metadata", metadata)
+    if tree is None:
+        raise DSparkError(f"orbax checkpoint {src!r} cannot be read: the metadata of its arrays is missing or damaged")
+    return tree
+
+
+def _check_stored_shapes(metadata, target, src: str) -> None:
+    """The stored arrays' names and shapes (orbax metadata) against the model's, before anything is read: every
+    difference in one error, and no read left in flight (orbax's abandoned reads print pages of warnings at exit).
+    Dtypes may differ: the restore casts."""
+
+    def shapes(tree):
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): tuple(x.shape) for p, x in leaves}
+
+    stored, wanted = shapes(metadata), shapes(target)
+    problems = [f"missing {k}" for k in sorted(wanted.keys() - stored.keys())]
+    problems += [f"unexpected {k}" for k in sorted(stored.keys() - wanted.keys())]
+    problems += [
+        f"{k} stored {list(stored[k])}, model {list(wanted[k])}"
+        for k in sorted(wanted.keys() & stored.keys())
+        if stored[k] != wanted[k]
+    ]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise DSparkError(f"orbax checkpoint {src!r} does not match the model ({len(problems)} problem(s)): {shown}")
 
 
 def save_calibration(folder: str, temperatures, block_size: int, info: dict | None = None) -> str:

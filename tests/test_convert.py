@@ -70,6 +70,49 @@ def test_orbax_round_trip_through_cli(hf_folder, tmp_path, capsys, dtype, mesh):
     assert leaf.dtype == np.dtype(dtype)
 
 
+def test_dst_replaced_only_when_it_is_a_plain_conversion(hf_folder, tmp_path, capsys):
+    """A previous conversion at --dst is replaced whole; one holding other files, or a symlink, is refused with
+    nothing written; the folder gets the umask's mode, not mkdtemp's 0700."""
+    out = tmp_path / "out"
+    dst = out / "ckpt"
+    assert convert.main(["--src", str(hf_folder), "--dst", str(dst)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(dst).st_mode & 0o777 == 0o777 & ~umask
+    assert convert.main(["--src", str(hf_folder), "--dst", str(dst), "--dtype", "float32"]) == 0
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "float32"
+    (dst / "notes.txt").write_text("mine")
+    os.symlink(dst, out / "link")
+    capsys.readouterr()
+    for target, needle in ((dst, "notes.txt"), (out / "link", "symbolic link")):
+        assert convert.main(["--src", str(hf_folder), "--dst", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert sorted(os.listdir(out)) == ["ckpt", "link"] and (dst / "notes.txt").read_text() == "mine"
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_damaged_orbax_checkpoint_is_one_line(hf_folder, tmp_path):
+    """A converted folder whose config no longer fits its arrays names every mismatch before any read (orbax's
+    abandoned reads used to print pages of tracebacks after the error); one whose array bytes are cut short says
+    it cannot be read (orbax raised a bare Exception: a traceback)."""
+    good = tmp_path / "good"
+    assert convert.main(["--src", str(hf_folder), "--dst", str(good), "--dtype", "float32"]) == 0
+    resized = tmp_path / "resized"
+    shutil.copytree(good, resized)
+    config = json.loads((resized / "config.json").read_text())
+    (resized / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    with pytest.raises(DSparkError, match=r"does not match the model \(\d+ problem\(s\)\): layers/0/mlp/down_proj"):
+        dj.load_target(str(resized), dtype="float32")
+    cut = tmp_path / "cut"
+    shutil.copytree(good, cut)
+    arrays = max((cut / "params").glob("ocdbt.process_*/d/*"), key=os.path.getsize)  # the arrays' bytes
+    arrays.write_bytes(arrays.read_bytes()[:100])
+    with pytest.raises(DSparkError, match="cannot be read") as info:
+        dj.load_target(str(cut), dtype="float32")
+    assert "\n" not in str(info.value)
+
+
 def test_converted_draft_keeps_its_calibration(tmp_path, monkeypatch):
     """A draft converted to orbax loads as its safetensors folder does: the same model and arrays, and its
     calibration.json (the confidence temperatures the scheduler reads, spec §10, and any rank factors of the tree
