@@ -192,7 +192,7 @@ def read_prompt_rows(path: str, flag: str, id_keys: tuple[str, ...]) -> list[lis
     UsageError naming the flag, the line and the accepted forms."""
     label = f"{flag} {path}"
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path!r} does not exist")
+        raise UsageError(f"{flag} {path!r} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
     forms = [f'"{k}": a non-empty list of token ids' for k in id_keys] + ['"turns": a non-empty list of strings']
     accepted = " or ".join(forms)
     prompts = []

@@ -152,6 +152,7 @@ def run(args: GenerateArgs, mesh=None) -> dict:
     import jax
 
     import dspark_jax as dj
+    from dspark_jax.decoding.loop import check_prompts
 
     # Validate every flag before anything is loaded or compiled.
     dj.SamplingConfig(args.temperature, args.top_p, args.top_k)
@@ -183,6 +184,7 @@ def run(args: GenerateArgs, mesh=None) -> dict:
         prompts = _read_prompts_file(args.prompts_file, target.tokenizer)
     else:
         prompts = [_encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT, target.tokenizer)]
+    check_prompts(prompts, target.config.vocab_size, target.config.max_position_embeddings)  # before any is shown
     tok = target.tokenizer
     streamed = _streams(args, len(prompts))
     printer = None

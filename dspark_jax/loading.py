@@ -42,6 +42,7 @@ from dspark_jax.hub import HUB_PATTERNS, resolve
 from dspark_jax.layers.attention import Attention
 from dspark_jax.layers.mlp import MLP
 from dspark_jax.models import DeepseekV4, DeepseekV4Draft, Draft, Gemma4, Qwen3, Qwen3Moe
+from dspark_jax.sharding import make_mesh
 from dspark_jax.tokenizer import Tokenizer, stop_token_ids
 
 
@@ -179,7 +180,9 @@ class DraftHandle:
 
 def load_target(path_or_id: str, dtype: str = "bfloat16", mesh: jax.sharding.Mesh | None = None) -> Target:
     """Load a Qwen3, Qwen3-MoE or Gemma4 target from a safetensors folder, an orbax folder (from conversion.convert)
-    or a hub id."""
+    or a hub id. `mesh`: a jax Mesh over ('data', 'model', 'expert') or its CLI form, e.g. "model=2"."""
+    if isinstance(mesh, str):
+        mesh = make_mesh(mesh)
     folder = resolve(path_or_id)
     raw = read_config_json(folder)
     kind = checkpoint_kind(raw, os.path.join(folder, "config.json"))
@@ -204,6 +207,11 @@ def load_target(path_or_id: str, dtype: str = "bfloat16", mesh: jax.sharding.Mes
     return Target(config, graphdef, state, folder, Tokenizer.maybe_load(folder), stop_token_ids(folder, raw), mesh)
 
 
+def _check_is_target(target) -> None:
+    if not isinstance(target, Target):
+        raise UsageError(f"load_draft needs target=, the model dj.load_target returned; got {type(target).__name__}")
+
+
 def load_draft(path_or_id: str, target: Target, v4_options: dict | None = None) -> DraftHandle:
     """Load a DSpark / DFlash draft for `target`; its frozen embedding / LM-head copies are bound to the target's
     arrays (and must equal them when the checkpoint also stores them).
@@ -217,6 +225,7 @@ def load_draft(path_or_id: str, target: Target, v4_options: dict | None = None) 
     kind = checkpoint_kind(raw, os.path.join(folder, "config.json"))
     if kind == "deepseek_v4":  # a -DSpark folder: the draft is mtp.* of the target's own files (V4 §4.2)
         refuse_legacy_mtp(folder, path_or_id)
+        _check_is_target(target)
         return _load_v4_draft(folder, raw, path_or_id, target, v4_options or {})
     if kind in ("qwen3", "qwen3_moe", "gemma4"):
         raise UsageError(f"{path_or_id!r} is a target model, not a DSpark/DFlash draft")
@@ -225,6 +234,7 @@ def load_draft(path_or_id: str, target: Target, v4_options: dict | None = None) 
             f"{path_or_id!r} is a Gemma4 draft; its target must be a Gemma4 model from load_target, got "
             f"{type(getattr(target, 'config', target)).__name__} (load_gemma4_draft loads the draft alone)"
         )
+    _check_is_target(target)
     config = DraftConfig.from_hf_dict(raw, os.path.join(folder, "config.json")).with_dtype(target.config.param_dtype)
     if target.config.dtype != target.config.param_dtype:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=target.config.dtype))

@@ -50,10 +50,14 @@ def logical_to_spec(axes: tuple[str | None, ...], rules: ShardingRules = Shardin
 def parse_mesh(text: str) -> dict[str, int]:
     """`data=2,model=2` -> {'data': 2, 'model': 2, 'expert': 1}, with one-line errors."""
     sizes = {a: 1 for a in MESH_AXES}
+    seen = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
         if name not in MESH_AXES:
             raise UsageError(f"mesh axis must be one of {MESH_AXES}, got {name!r}")
+        if name in seen:
+            raise UsageError(f"mesh axis {name} is given twice in {text!r}; give each axis once")
+        seen.add(name)
         if not value.isdigit() or int(value) < 1:
             raise UsageError(f"mesh axis {name} needs a positive integer size, got {value!r}")
         sizes[name] = int(value)

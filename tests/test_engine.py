@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import tiny_qwen3_hf
+from conftest import GOLDENS, tiny_qwen3_hf
 from draft_factory import random_draft
 
 import dspark_jax as dj
@@ -111,6 +111,31 @@ def test_bad_per_row_settings(tiny, kwargs, match):
     prompts = [[1, 2], [3], [4, 5, 6]]
     with pytest.raises(UsageError, match=match):
         dj.generate(tiny, None, prompts, max_new_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((None, [5, 17, 30]), {}, r"prompt 0 is 5, not a list of token ids"),  # was one prompt per token
+        ((None, [[True, 2]]), {}, "outside the vocabulary"),
+        ((None, ["hello"]), {}, "prompt 0 is 'hello'"),
+        ((None, [[1, 2]]), dict(stop_token_ids=5), "stop_token_ids must be a list"),
+        ((None, [[1, 2]]), dict(seed=2**70), "64 bits"),
+        (("draft_first", [[1, 2]]), {}, r"target must be what dj.load_target returns, got DraftConfig"),
+    ],
+)
+def test_bad_api_arguments_are_one_line(tiny, draft, args, kwargs, match):
+    """Arguments of the wrong type raise a one-line UsageError instead of a numpy / jax / attribute error."""
+    second, prompts = args
+    first, second = (draft, tiny) if second == "draft_first" else (tiny, second)
+    with pytest.raises(UsageError, match=match) as info:
+        dj.generate(first, second, prompts, max_new_tokens=2, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_load_draft_needs_a_loaded_target(tiny):
+    with pytest.raises(UsageError, match="load_draft needs target="):
+        dj.load_draft(str(GOLDENS / "markov" / "draft"), target=None)
 
 
 def test_batch_beyond_largest_bucket(tiny):

@@ -134,6 +134,8 @@ CLI_ERRORS = [
     (["--no-draft", "--prompts-file", 'FILE:{"prompt_ids": [1]}\n{"prompt": "x"}'], "line 2"),
     (["--no-draft", "--prompt", "hello"], "tokenizer"),
     (["--prompt-ids", "1"], "--no-draft"),  # --target without --draft
+    (["--no-draft", "--prompt-ids", "1,-2,3"], "vocabulary"),  # streamed output decoded it first: a traceback
+    (["--no-draft", "--prompts-file", "."], "is a folder"),
 ]
 
 

@@ -30,6 +30,7 @@ def test_parse_and_make_mesh():
         ("model=two", "positive"),
         ("model=8", "needs 8 devices"),
         ("data=2,model=4", "needs 8 devices"),
+        ("data=2,data=1", "given twice"),
     ],
 )
 def test_bad_mesh_is_one_line(text, needle):

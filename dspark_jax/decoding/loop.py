@@ -538,15 +538,24 @@ def cache_bucket(needed: int, context_len: int, block_size: int) -> int:
     return min(_bucket(needed, MIN_CACHE_BUCKET), cap)
 
 
-def _check_prompts(prompts, vocab: int, context_len: int) -> list[list[int]]:
+def check_prompts(prompts, vocab: int, context_len: int) -> list[list[int]]:
+    """`generate`'s prompts as lists of ints: a non-empty list of prompts, each a non-empty list (or 1-D array) of
+    token ids in [0, vocab) shorter than the context; anything else is a one-line UsageError."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = prompts.tolist()
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise UsageError("prompts must be a non-empty list of token-id lists, got " + repr(prompts)[:60])
     out = []
     for i, p in enumerate(prompts):
-        p = [int(t) for t in np.asarray(p).reshape(-1)] if not isinstance(p, (list, tuple)) else list(p)
+        if isinstance(p, np.ndarray) and p.ndim == 1:
+            p = p.tolist()
+        if not isinstance(p, (list, tuple)):  # a flat list of ids would otherwise be one prompt per token
+            raise UsageError(
+                f"prompt {i} is {p!r}, not a list of token ids: prompts is a list of prompts (one prompt: [[1, 2, 3]])"
+            )
         if not p:
             raise UsageError(f"prompt {i} is empty; every prompt needs at least one token")
-        bad = [t for t in p if not isinstance(t, (int, np.integer)) or not (0 <= int(t) < vocab)]
+        bad = [t for t in p if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
         if bad:
             raise UsageError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
         if len(p) >= context_len:
@@ -675,11 +684,16 @@ def prepare(
     tree = _check_tree(tree, draft, policy, target.config)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UsageError(f"seed must be an integer, got {seed!r}")
-    config = target.config
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63:
+        raise UsageError(f"seed must be an integer of at most 64 bits, got {seed!r}")
+    config = getattr(target, "config", None)
+    if not hasattr(config, "max_position_embeddings") or not hasattr(target, "decode_parts"):
+        raise UsageError(
+            f"target must be what dj.load_target returns, got {type(config if config is not None else target).__name__}"
+            " (generate(target, draft, ...): the target comes first)"
+        )
     context_len = config.max_position_embeddings
-    prompts = _check_prompts(prompts, config.vocab_size, context_len)
+    prompts = check_prompts(prompts, config.vocab_size, context_len)
     n = len(prompts)
     rows = [
         SamplingConfig(*settings)
@@ -696,6 +710,8 @@ def prepare(
             )
     elif policy.kind != "full":
         raise UsageError(f"verify {verify!r} needs a draft; plain decoding accepts only 'full'")
+    if stop_token_ids is not None and not isinstance(stop_token_ids, (list, tuple, np.ndarray)):
+        raise UsageError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
     stops = tuple(target.stop_token_ids if stop_token_ids is None else stop_token_ids)
     bad = [
         t
