@@ -441,6 +441,7 @@ def _tree(args):
 
 def _validate(args) -> None:
     from dspark_jax import ops
+    from dspark_jax.cli_util import check_output_file
     from dspark_jax.configs import SamplingConfig, VerifyPolicy
 
     ops.verify_impl()
@@ -459,9 +460,11 @@ def _validate(args) -> None:
         raise UsageError("--random-shape builds its own models; drop --target/--draft")
     if not args.random_shape and bool(args.target) != bool(args.draft):
         raise UsageError("pass both --target and --draft (or neither, for the embedded pair)")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out {args.out!r}: folder {folder} does not exist")
+    check_output_file(args.out, "--out")
+    if args.copy_mib is not None and args.copy_mib < 1:
+        raise UsageError(f"--copy-mib must be >= 1, got {args.copy_mib}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UsageError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
 
 
 def run(args, log=print, argv: list[str] | None = None, mesh=None) -> dict:

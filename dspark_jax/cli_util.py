@@ -21,6 +21,20 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return text
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file path that is a folder or whose folder does not exist (the error
+    would otherwise come when the finished result is written)."""
+    import os
+
+    from dspark_jax.errors import UsageError
+
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a folder; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path!r}: folder {folder} does not exist")
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse for the CLIs: a usage error is one `error:` line (exit 2); library warnings print as one
     `warning:` line without a source location (`_one_line_warning`)."""

@@ -62,14 +62,14 @@ def _read_rows(path: str) -> list[list[int]]:
 def run(args: RegenArgs, log=print) -> int:
     """Write args.out; returns the number of supervised (response) tokens."""
     from dspark_jax.checkpoints import atomic_file
+    from dspark_jax.cli_util import check_output_file
     from dspark_jax.decoding.loop import generate
     from dspark_jax.loading import load_target
 
     for name in ("num_prompts", "prompt_len", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out!r} is a folder; give a .jsonl file path")
+    check_output_file(args.out, "--out")
     prompts = sample_prompts(_read_rows(args.data), args.num_prompts, args.prompt_len, args.seed)
     target = load_target(args.target, dtype=args.dtype)
     supervised, start = 0, time.perf_counter()

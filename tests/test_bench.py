@@ -117,6 +117,8 @@ def test_bench_tree_rounds(tmp_path, capsys):
     [
         (["--tree", "0,2"], ["tree nodes", "0"]),
         (["--tree", "7", "--tree-mode", "beam"], ["--tree-mode", "'beam'"]),
+        (["--copy-mib", "0"], ["--copy-mib", "0"]),
+        (["--time-budget", "-1"], ["--time-budget", "-1"]),
     ],
 )
 def test_bad_tree_is_one_line_exit_2(tmp_path, capsys, extra, words):
@@ -124,6 +126,12 @@ def test_bad_tree_is_one_line_exit_2(tmp_path, capsys, extra, words):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_out_that_is_a_folder_is_refused_before_work(tmp_path, capsys):
+    assert bench.main([*TINY, "--out", str(tmp_path)]) == 2  # was an IsADirectoryError when the JSON was written
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a folder" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_verify_impl_is_a_usage_error(tmp_path, monkeypatch, capsys):

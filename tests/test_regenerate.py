@@ -66,11 +66,14 @@ def test_sample_prompts_never_draws_short_rows():
     [
         (("--num-prompts", "0"), "--num-prompts"),
         (("--prompt-len", "500"), "--prompt-len 500"),
+        (("OUT", "no_such_folder/bad.jsonl"), "does not exist"),  # found only when writing, after the work
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(setup, capsys, extra, needle):
     root, folder = setup
     out = root / "bad.jsonl"
+    if extra[0] == "OUT":
+        out, extra = root / extra[1], ()
     assert main(_args(root, folder, out, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and "\n" not in err
