@@ -13,7 +13,7 @@ import sys
 from conversion.engine import convert_state, plan
 from conversion.loader import convert_checkpoint
 from conversion.reader import open_checkpoint
-from dspark_jax.cli_util import OneLineArgumentParser
+from dspark_jax.cli_util import OneLineArgumentParser, add_parallel_flags, pop_parallel
 from dspark_jax.errors import DSparkError, UsageError
 from dspark_jax.sharding import make_mesh
 
@@ -44,15 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),  # fmt: skip
     )
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--mesh", default="data=1,model=1,expert=1", help="mesh axis sizes, e.g. data=1,model=4")
+    p.add_argument(
+        "--mesh",
+        default="data=1,model=1,expert=1",
+        help="mesh axis sizes, e.g. data=1,model=4 (this process's first devices; with several processes: all "
+        "devices of all of them)",
+    )
+    add_parallel_flags(p, mesh=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    parallel = pop_parallel(args)
     try:
-        mesh = make_mesh(args.mesh)
+        if parallel.multi_process:  # every process reads and writes its own shards of the one checkpoint
+            mesh = parallel.start()
+        else:
+            parallel.validate()
+            mesh = make_mesh(parallel.mesh)
         convert_checkpoint(args.src, args.dst, kind=args.kind, dtype=args.dtype, mesh=mesh)
     except DSparkError as e:
         print(f"error: {e}", file=sys.stderr)

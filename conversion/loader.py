@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 
+import jax
 from flax import nnx
 
-from conversion.engine import claim_destination, convert_state
+from conversion.engine import DestinationClaim, claim_destination, convert_state
 from conversion.keymaps import keymap_for
 from conversion.keymaps.deepseek_v4 import DEEPSEEK_V4_DRAFT_SKIP, DEEPSEEK_V4_SKIP, DeepseekV4Source
 from conversion.keymaps.gemma4 import GEMMA4_SKIP
@@ -134,7 +135,8 @@ def convert_checkpoint(src: str, dst: str, *, kind: str = "auto", dtype: str = "
     """Safetensors (folder or hub id) -> orbax folder at `dst` with config.json; atomic (nothing left on failure)."""
     folder = resolve(src)
     _check_destination(dst, folder)
-    claim = claim_destination(dst)  # removes DST.tmp-* left by a killed run, saying so
+    # Removes DST.tmp-* left by a killed run, saying so (of several processes, the one that writes the folder).
+    claim = claim_destination(dst) if jax.process_index() == 0 else DestinationClaim(None)
     try:
         _convert_into(folder, src, dst, kind, dtype, mesh)
     finally:

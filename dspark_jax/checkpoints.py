@@ -53,6 +53,13 @@ class _AtomicDir:
     def __enter__(self) -> str:
         parent = os.path.dirname(self.dst)
         os.makedirs(parent, exist_ok=True)
+        if jax.process_count() > 1:  # every process writes its shards into one folder: a name they all know
+            self.tmp = self.dst + ".tmp-shared"
+            if jax.process_index() == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                os.makedirs(self.tmp)
+            _sync_processes("atomic_dir: folder made")
+            return self.tmp
         self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.dst) + ".tmp-", dir=parent)
         umask = os.umask(0)
         os.umask(umask)
@@ -60,13 +67,26 @@ class _AtomicDir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
+        lead = jax.process_index() == 0
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if lead:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        if os.path.exists(self.dst):
-            shutil.rmtree(self.dst)
-        os.replace(self.tmp, self.dst)
+        _sync_processes("atomic_dir: written")
+        if lead:
+            if os.path.exists(self.dst):
+                shutil.rmtree(self.dst)
+            os.replace(self.tmp, self.dst)
+        _sync_processes("atomic_dir: renamed")  # no process goes on before the folder is in place
         return False
+
+
+def _sync_processes(name: str) -> None:
+    """A barrier across the processes of a multi-process run (nothing for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def save_state(dst: str, state: nnx.State, config: dict, extra_files: tuple[str, ...] = ()) -> None:
@@ -77,10 +97,11 @@ def save_state(dst: str, state: nnx.State, config: dict, extra_files: tuple[str,
     import orbax.checkpoint as ocp
 
     with atomic_dir(dst) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({**config, "dspark_jax_format": FORMAT}, f, indent=2)
-        for path in extra_files:
-            shutil.copy2(path, tmp)
+        if jax.process_index() == 0:  # one writer of the small files; every process writes its own shards below
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({**config, "dspark_jax_format": FORMAT}, f, indent=2)
+            for path in extra_files:
+                shutil.copy2(path, tmp)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), state.to_pure_dict())
             ckptr.wait_until_finished()
