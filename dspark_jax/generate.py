@@ -20,7 +20,7 @@ DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""
 EXAMPLES = """examples:
   python -m dspark_jax.generate                        # the embedded pair, speculative vs plain
   python -m dspark_jax.generate --prompt "def parse(path):" --max-new-tokens 64 --temperature 0.7 --top-p 0.9
-  python -m dspark_jax.generate --target Qwen/Qwen3-4B --draft DeepSpec/dspark_qwen3_4b_block7 --verify scheduler
+  python -m dspark_jax.generate --target Qwen/Qwen3-4B --draft deepseek-ai/dspark_qwen3_4b_block7 --verify scheduler
   python -m dspark_jax.generate --no-draft --prompt-ids 1,2,3 --json
 """
 
@@ -172,6 +172,8 @@ def run(args: GenerateArgs, mesh=None) -> dict:
         if not has_own_draft(args.target):  # a DeepSeek-V4 -DSpark folder carries its own draft (V4 §4)
             raise UsageError("--target without --draft: pass --draft PATH|ID or --no-draft")
         draft_path = args.target
+    if args.no_draft and args.compare:
+        raise UsageError("--compare sets speculative decoding beside plain decoding; with --no-draft there is none")
     if args.no_draft and args.verify != "full":
         raise UsageError(f"--verify {args.verify} needs a draft; with --no-draft only 'full' applies")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -183,6 +185,11 @@ def run(args: GenerateArgs, mesh=None) -> dict:
     elif args.prompts_file is not None:
         prompts = _read_prompts_file(args.prompts_file, target.tokenizer)
     else:
+        if args.prompt is None and target.tokenizer is None:
+            raise UsageError(
+                f"{target_path!r} has no tokenizer.json for the default text prompt; pass --prompt-ids or "
+                "--prompts-file"
+            )
         prompts = [_encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT, target.tokenizer)]
     check_prompts(prompts, target.config.vocab_size, target.config.max_position_embeddings)  # before any is shown
     tok = target.tokenizer

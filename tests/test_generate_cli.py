@@ -133,9 +133,11 @@ CLI_ERRORS = [
     (["--no-draft", "--prompts-file", 'FILE:{"turns": "def f():"}'], "list of strings"),  # was its first letter
     (["--no-draft", "--prompts-file", 'FILE:{"prompt_ids": [1]}\n{"prompt": "x"}'], "line 2"),
     (["--no-draft", "--prompt", "hello"], "tokenizer"),
+    (["--no-draft"], "default text prompt"),  # blamed a text prompt the user never gave
     (["--prompt-ids", "1"], "--no-draft"),  # --target without --draft
     (["--no-draft", "--prompt-ids", "1,-2,3"], "vocabulary"),  # streamed output decoded it first: a traceback
     (["--no-draft", "--prompts-file", "."], "is a folder"),
+    (["--no-draft", "--prompt-ids", "1", "--compare"], "--compare"),  # was silently ignored
 ]
 
 

@@ -560,7 +560,8 @@ def check_prompts(prompts, vocab: int, context_len: int) -> list[list[int]]:
             raise UsageError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
         if len(p) >= context_len:
             raise UsageError(
-                f"prompt {i} has {len(p)} tokens, longer than the model's context of {context_len - 1} prompt tokens"
+                f"prompt {i} has {len(p)} tokens; the model's context of {context_len} positions holds at most "
+                f"{context_len - 1} prompt tokens (one position is the first new token's)"
             )
         out.append([int(t) for t in p])
     return out
