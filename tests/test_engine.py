@@ -4,6 +4,7 @@ the scheduler's gate turns the draft off when plain decoding is faster."""
 
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import GOLDENS, tiny_qwen3_hf
@@ -131,6 +132,13 @@ def test_bad_api_arguments_are_one_line(tiny, draft, args, kwargs, match):
     with pytest.raises(UsageError, match=match) as info:
         dj.generate(first, second, prompts, max_new_tokens=2, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_prompts_as_arrays(tiny):
+    """A 2-D array of prompts, or 1-D numpy / jax arrays as prompts, are the same prompts as lists."""
+    want = dj.generate(tiny, None, [[1, 2, 3], [4, 5, 6]], max_new_tokens=3).tokens
+    assert dj.generate(tiny, None, np.array([[1, 2, 3], [4, 5, 6]]), max_new_tokens=3).tokens == want
+    assert dj.generate(tiny, None, [np.array([1, 2, 3]), jnp.array([4, 5, 6])], max_new_tokens=3).tokens == want
 
 
 def test_load_draft_needs_a_loaded_target(tiny):

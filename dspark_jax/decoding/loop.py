@@ -541,14 +541,14 @@ def cache_bucket(needed: int, context_len: int, block_size: int) -> int:
 def check_prompts(prompts, vocab: int, context_len: int) -> list[list[int]]:
     """`generate`'s prompts as lists of ints: a non-empty list of prompts, each a non-empty list (or 1-D array) of
     token ids in [0, vocab) shorter than the context; anything else is a one-line UsageError."""
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
-        prompts = prompts.tolist()
+    if getattr(prompts, "ndim", None) == 2:  # a numpy or jax array of equal-length prompts
+        prompts = np.asarray(prompts).tolist()
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise UsageError("prompts must be a non-empty list of token-id lists, got " + repr(prompts)[:60])
     out = []
     for i, p in enumerate(prompts):
-        if isinstance(p, np.ndarray) and p.ndim == 1:
-            p = p.tolist()
+        if getattr(p, "ndim", None) == 1:  # a numpy or jax array
+            p = np.asarray(p).tolist()
         if not isinstance(p, (list, tuple)):  # a flat list of ids would otherwise be one prompt per token
             raise UsageError(
                 f"prompt {i} is {p!r}, not a list of token ids: prompts is a list of prompts (one prompt: [[1, 2, 3]])"
@@ -681,18 +681,18 @@ def prepare(
     temperature, top_p and top_k take one value for every prompt or a list with one per prompt. tree: None (chain),
     a TreeConfig or its CLI form "N[,K[,W]]".
     """
-    policy = VerifyPolicy.parse(verify)
-    tree = _check_tree(tree, draft, policy, target.config)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63:
-        raise UsageError(f"seed must be an integer of at most 64 bits, got {seed!r}")
     config = getattr(target, "config", None)
     if not hasattr(config, "max_position_embeddings") or not hasattr(target, "decode_parts"):
         raise UsageError(
             f"target must be what dj.load_target returns, got {type(config if config is not None else target).__name__}"
             " (generate(target, draft, ...): the target comes first)"
         )
+    policy = VerifyPolicy.parse(verify)
+    tree = _check_tree(tree, draft, policy, config)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63:
+        raise UsageError(f"seed must be an integer of at most 64 bits, got {seed!r}")
     context_len = config.max_position_embeddings
     prompts = check_prompts(prompts, config.vocab_size, context_len)
     n = len(prompts)
