@@ -581,6 +581,7 @@ CSV_SCALARS = (
     "mean_proposal_length",
     "verify_rate",
     "tokens_per_s",
+    "timed_warm",  # False: the only run was timed, compiling included (--data without --compare)
     "plain_tokens_per_s",
     "speedup",
     "ece",
