@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dspark_jax.errors import DSparkError, UsageError
+from dspark_jax.errors import DSparkError, UsageError, first_line
 
 PARAMS_DIR = "params"
 FORMAT = "orbax-nnx-state"
@@ -134,10 +134,10 @@ def restore_state(src: str, abstract_state: nnx.State, shardings=None, host: tup
     except DSparkError:
         raise
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise DSparkError(f"orbax checkpoint {src!r} does not match the model: {_first_line(e)}") from None
+        raise DSparkError(f"orbax checkpoint {src!r} does not match the model: {first_line(e)}") from None
     except Exception as e:  # orbax wraps a failed read of the stored bytes (a damaged or truncated file) in Exception
         _drop_abandoned_reads()
-        raise DSparkError(f"orbax checkpoint {src!r} cannot be read: {_first_line(e.__cause__ or e)}") from None
+        raise DSparkError(f"orbax checkpoint {src!r} cannot be read: {first_line(e.__cause__ or e)}") from None
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored)
     return state
@@ -152,10 +152,6 @@ def _drop_abandoned_reads() -> None:
         gc.collect()
     finally:
         sys.unraisablehook = hook
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _stored_metadata(ckptr, path: str, src: str):

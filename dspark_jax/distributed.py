@@ -12,7 +12,7 @@ import math
 import os
 import sys
 
-from dspark_jax.errors import UsageError
+from dspark_jax.errors import UsageError, first_line
 from dspark_jax.sharding import MESH_AXES, parse_mesh
 
 _STARTED: dict = {}  # what initialize was called with, so a second start() in the same process is checked, not rerun
@@ -106,8 +106,7 @@ def initialize(parallel: Parallel) -> None:
                 process_id=parallel.process_id,
             )
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"jax.distributed.initialize failed for {key}: {first}") from None
+        raise UsageError(f"jax.distributed.initialize failed for {key}: {first_line(e)}") from None
     _STARTED["key"] = key
 
 

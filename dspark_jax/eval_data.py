@@ -22,7 +22,7 @@ import os
 import random
 from collections.abc import Callable
 
-from dspark_jax.errors import UsageError
+from dspark_jax.errors import UsageError, first_line
 
 EVAL_SEED = 980406  # the reference evaluator's seed
 CONVERTED_SUBDIR = "dspark_jax/eval_datasets"  # under HF_HOME: the hub sets after conversion
@@ -337,9 +337,9 @@ def hub_jsonl(name: str, cache_dir: str | None = None, out_dir: str | None = Non
             f"pass --data-dir DIR holding {name}.jsonl"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(
-            f"benchmark {name!r}: download of {src.repo} failed ({first}); pass --data-dir DIR with {name}.jsonl"
+            f"benchmark {name!r}: download of {src.repo} failed ({first_line(e)}); "
+            f"pass --data-dir DIR with {name}.jsonl"
         ) from None
     files = []
     for pattern in src.files:

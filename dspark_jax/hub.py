@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from dspark_jax.errors import UsageError
+from dspark_jax.errors import UsageError, first_line
 
 # What a hub download may fetch (README "Security"): weights only as safetensors, never pickles; *.md is docs only.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "chat_template.jinja", "*.md"]
@@ -41,8 +41,7 @@ def resolve(path_or_id: str) -> str:
             f"checkpoint {path_or_id!r} is neither a local folder nor in the Hugging Face cache (offline)"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"checkpoint {path_or_id!r}: hub download failed ({first})") from None
+        raise UsageError(f"checkpoint {path_or_id!r}: hub download failed ({first_line(e)})") from None
 
 
 __all__ = ["HUB_PATTERNS", "resolve"]

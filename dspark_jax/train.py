@@ -152,7 +152,8 @@ DRAFT_FIELDS = (
 
 def _draft_config_from_json(path: str, target) -> DraftConfig:
     fields = _read_json(path, "--draft-config")
-    known = set(DRAFT_FIELDS) | set(read_config_json(target.path))
+    target_fields = read_config_json(target.path)
+    known = set(DRAFT_FIELDS) | set(target_fields)
     unknown = sorted(set(fields) - known)
     if unknown:  # a misspelt field would silently leave its default in place
         raise UsageError(
@@ -160,7 +161,7 @@ def _draft_config_from_json(path: str, target) -> DraftConfig:
             f"{', '.join(DRAFT_FIELDS)} or a key of the target's config.json"
         )
     merged = {
-        **read_config_json(target.path),
+        **target_fields,
         "num_hidden_layers": 5,
         **fields,
         "num_target_layers": target.config.num_hidden_layers,
